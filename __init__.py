@@ -1,0 +1,1 @@
+"""WanFit: Wan 2.1 / 2.2 video diffusion in the memory of an ordinary GPU."""
