@@ -58,7 +58,13 @@ def wan22_module(name: str) -> types.ModuleType:
         sys.modules["wan.modules.tokenizers"] = tokenizers
         attention = importlib.import_module("wan.modules.attention")
         attention.flash_attention = _sdpa_flash_attention
-    module = importlib.import_module(f"wan.modules.{name}")
+    # t5.py evaluates torch.cuda.current_device() in a default argument at import time.
+    current_device = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        module = importlib.import_module(f"wan.modules.{name}")
+    finally:
+        torch.cuda.current_device = current_device
     if hasattr(module, "flash_attention"):
         module.flash_attention = _sdpa_flash_attention
     return module
