@@ -18,7 +18,8 @@ $(VENV)/.ready: pyproject.toml requirements.txt Makefile
 	# A torch that imports is kept; only a venv without one gets the CPU 2.13.0 build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
-	$(PIP) install -c $(VENV)/constraints.txt -e ".[test]" torchsde aiohttp pyyaml scipy tqdm
+	# The project installs as metadata only (no importable package): pip reads its deps from pyproject.
+	$(PIP) install -c $(VENV)/constraints.txt ".[test]"
 	$(PIP) install --no-deps $(NODEPS)
 	touch $@
 
