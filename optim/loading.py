@@ -20,6 +20,9 @@ from ..wan.detect import detect_dit_config
 from ..wan.model import WanModel
 from ..wan.t5 import UMT5Encoder, detect_t5_config, t5_key_map
 from ..wan.tokenizer import UMT5Tokenizer, load_tokenizer
+from ..wan.vae21 import WanVAE21
+from ..wan.vae22 import WanVAE22
+from ..wan.vae_common import WanVAE, detect_vae_config
 from . import fp8
 
 # Weight formats a user can ask for; "auto" keeps what the file stores.
@@ -66,7 +69,7 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         parent._buffers[attr] = value
 
 
-def _convert_fp8_layers(module: nn.Module, tensors: Mapping[str, torch.Tensor], info: Mapping[str, torch.dtype],
+def _convert_fp8_layers(module: nn.Module, info: Mapping[str, torch.dtype],
                         predicate: Callable[[str, tuple], bool], target: torch.dtype | None,
                         dtype: torch.dtype) -> set[str]:
     """Swap meta ``nn.Linear`` layers for meta ``FP8Linear`` where the weight will be fp8."""
@@ -104,7 +107,7 @@ def stream_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], info:
     ``fp8_scaled`` is False). Every other tensor is dequantised / cast to ``dtype``.
     ``source`` names the file in errors.
     """
-    fp8_layers = _convert_fp8_layers(module, tensors, info, fp8_predicate, fp8_target, dtype)
+    fp8_layers = _convert_fp8_layers(module, info, fp8_predicate, fp8_target, dtype)
     names = list(module.state_dict(keep_vars=True))
     missing = [n for n in names if n not in tensors and not n.endswith(_SCALE_SUFFIXES)]
     if missing:
@@ -217,3 +220,16 @@ def load_clip_vision(ckpt: Checkpoint, dtype: torch.dtype = torch.float16,
         model = ClipVisionEncoder(config)
     info = {k: v.dtype for k, v in sd.items()}
     return stream_weights(model, sd, info, dtype, device, ckpt.name, fp8_predicate=lambda k, s: False)
+
+
+def load_vae(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> WanVAE:
+    """Wan 2.1 (z 16) or Wan 2.2 (z 48) VAE, version told from the shapes."""
+    try:
+        config = detect_vae_config(ckpt.shapes)
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt.name}: {err}") from err
+    with torch.device("meta"):
+        model = WanVAE21(config) if config.version == "2.1" else WanVAE22(config)
+    info = {k: v.dtype for k, v in ckpt.tensors.items()}
+    with open_lazy(ckpt) as tensors:
+        return stream_weights(model, tensors, info, dtype, device, ckpt.name, fp8_predicate=lambda k, s: False)

@@ -109,3 +109,13 @@ def test_missing_tensor_is_named(models, tmp_path):
 def test_unknown_weight_format(models):
     with pytest.raises(ValueError, match="weight format 'int4'"):
         loading.load_dit(open_checkpoint(models["wan2.1_t2v_1.3B_fp16.safetensors"]), weight_format="int4")
+
+
+@pytest.mark.parametrize("name,z", [("wan_2.1_vae.safetensors", 16), ("wan2.2_vae.safetensors", 48)])
+def test_vae_loads_and_round_trips_shapes(models, name, z):
+    vae = loading.load_vae(open_checkpoint(models[name]))
+    s = vae.config.spatial_compression
+    video = torch.rand(1, 3, 5, 2 * s, 2 * s) * 2 - 1
+    latent = vae.encode(video)
+    assert latent.shape == (1, z, 2, 2, 2)
+    assert vae.decode(latent).shape == video.shape

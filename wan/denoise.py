@@ -1,0 +1,76 @@
+"""From a Wan DiT and its conditioning to the ``denoise(x, sigma, step)`` the sampler calls.
+
+Classifier-free guidance runs cond and uncond as one batch of two (one pass through the
+blocks, so block swap moves each block once per step) or one after the other (half the
+activation memory). ``run_blocks`` is the hook where the memory engine and step caches take
+over the block stack; by default the blocks run in order on the model's own device.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .model import WanModel, WanState
+from .sampling import Denoise
+
+RunBlocks = Callable[[WanState, int], WanState]
+"""``run_blocks(state, step_index) -> state`` with ``state.x`` passed through every block."""
+
+
+def run_all_blocks(model: WanModel) -> RunBlocks:
+    def run(state: WanState, step: int) -> WanState:
+        for block in model.blocks:
+            state.x = block(state.x, **state.block_kwargs)
+        return state
+    return run
+
+
+@dataclass
+class Conditioning:
+    """One prompt's inputs to the DiT, batch size 1: text context, optional i2v latent ``y``
+    and CLIP image features."""
+
+    context: Tensor  # [1, 512, text_dim]
+    y: Tensor | None = None  # [1, in_dim - out_dim, F, H, W]
+    clip_fea: Tensor | None = None  # [1, 257, clip_dim]
+
+
+def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return None if a is None else torch.cat([a, b if b is not None else a])
+
+
+def make_denoiser(model: WanModel, positive: Conditioning, negative: Conditioning | None, cfg: float,
+                  batch_cfg: bool = True, run_blocks: RunBlocks | None = None) -> Denoise:
+    """``denoise(x, sigma, step) -> velocity`` with guidance ``uncond + cfg * (cond - uncond)``.
+
+    The model sees timestep ``sigma * 1000`` (ComfyUI's convention for Wan). cfg 1 or no
+    negative runs the positive prompt only.
+    """
+    run = run_blocks or run_all_blocks(model)
+    device = model.patch_embedding.weight.device
+
+    def forward(x: Tensor, sigma: float, step: int, context: Tensor, y, clip_fea) -> Tensor:
+        t = torch.full((x.shape[0],), sigma * 1000.0, device=device)
+        state = model.embed(x.to(device), t, context.to(device),
+                            None if clip_fea is None else clip_fea.to(device), None if y is None else y.to(device))
+        return model.unembed(run(state, step)).to(x.device)
+
+    def denoise(x: Tensor, sigma: float, step: int) -> Tensor:
+        p = positive
+        if negative is None or cfg == 1.0:
+            return forward(x, sigma, step, p.context, p.y, p.clip_fea)
+        n = negative
+        if batch_cfg:
+            both = forward(torch.cat([x, x]), sigma, step, torch.cat([p.context, n.context]),
+                           _cat(p.y, n.y), _cat(p.clip_fea, n.clip_fea))
+            cond, uncond = both.chunk(2)
+        else:
+            cond = forward(x, sigma, step, p.context, p.y, p.clip_fea)
+            uncond = forward(x, sigma, step, n.context, n.y if n.y is not None else p.y,
+                             n.clip_fea if n.clip_fea is not None else p.clip_fea)
+        return uncond + cfg * (cond - uncond)
+
+    return denoise
