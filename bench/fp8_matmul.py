@@ -14,7 +14,6 @@ relative error against bf16. The last line of stdout is a JSON object; without C
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -29,13 +28,11 @@ SHAPES = {"attn 5120x5120": (5120, 5120), "ffn.0 5120->13824": (5120, 13824), "f
 
 
 def _import_fp8():
-    """Register the repository as the package ``wanfit``, as the tests do."""
-    if "wanfit" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "wanfit", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["wanfit"] = module
-        spec.loader.exec_module(module)
+    """Import the pack as ``wanfit``, registered as the tests do (tests/pack.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pack import register
+
+    register()
     from wanfit.optim import fp8
     return fp8
 

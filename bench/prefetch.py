@@ -19,7 +19,6 @@ memory, and runs for a few minutes, most of it pinning 28 GB once per swapped co
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -33,13 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _import_pack():
-    """Register the repository as the package ``wanfit``, as the tests do."""
-    if "wanfit" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "wanfit", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["wanfit"] = module
-        spec.loader.exec_module(module)
+    """Import the pack as ``wanfit``, registered as the tests do (tests/pack.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pack import register
+
+    register()
     from wanfit.optim.offload import BlockSwapper
     return BlockSwapper
 

@@ -20,9 +20,7 @@ from ..wan.detect import detect_dit_config
 from ..wan.model import WanModel
 from ..wan.t5 import UMT5Encoder, detect_t5_config, t5_key_map
 from ..wan.tokenizer import UMT5Tokenizer, load_tokenizer
-from ..wan.vae21 import WanVAE21
-from ..wan.vae22 import WanVAE22
-from ..wan.vae_common import WanVAE, detect_vae_config
+from ..wan.vae_common import WanVAE, build_vae, detect_vae_config
 from . import fp8
 
 # Weight formats a user can ask for; "auto" keeps what the file stores.
@@ -229,7 +227,7 @@ def load_vae(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch
     except ValueError as err:
         raise CheckpointError(f"{ckpt.name}: {err}") from err
     with torch.device("meta"):
-        model = WanVAE21(config) if config.version == "2.1" else WanVAE22(config)
+        model = build_vae(config)
     info = {k: v.dtype for k, v in ckpt.tensors.items()}
     with open_lazy(ckpt) as tensors:
         return stream_weights(model, tensors, info, dtype, device, ckpt.name, fp8_predicate=lambda k, s: False)
