@@ -1,7 +1,7 @@
 """ComfyUI node classes: thin wrappers that validate inputs and call into wan/ and optim/."""
-from . import load
+from . import decode, encode, load, sample
 
-_MODULES = (load,)
+_MODULES = (load, encode, sample, decode)
 
 NODE_CLASS_MAPPINGS = {name: cls for m in _MODULES for name, cls in m.NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {name: cls.DISPLAY_NAME for name, cls in NODE_CLASS_MAPPINGS.items()}

@@ -1,10 +1,73 @@
-"""Loader nodes: pick a file, validate it, detect what it is. Weights stay on disk."""
+"""Loader nodes: pick a file, validate it, detect what it is. Weights stay on disk.
+
+Each loader returns a light handle (the validated Checkpoint, the chosen options and the
+detected config); the sampler, encoders and decoder read weights only when they run.
+"""
 from __future__ import annotations
 
-from ..wan.checkpoint import Checkpoint, open_checkpoint
+from dataclasses import dataclass
+
+from ..optim.loading import WEIGHT_FORMATS
+from ..wan.attention import available_backends
+from ..wan.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from ..wan.detect import detect_dit_config, variant_name
+from ..wan.model import WanConfig
+from ..wan.vae_common import VAEConfig, detect_vae_config
 from . import comfy
 
 CATEGORY = "WanFit/loaders"
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclass(eq=False)
+class ModelHandle:
+    """A Wan DiT file and how to run it; weights are read by the sampler."""
+
+    ckpt: Checkpoint
+    config: WanConfig
+    weight_format: str = "auto"
+    compute_dtype: str = "bf16"
+    attention: str = "auto"
+
+    @property
+    def name(self) -> str:
+        return self.ckpt.name
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.config)
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the loaded weights: file (and its mtime) plus the options."""
+        stat = self.ckpt.path.stat()
+        return (str(self.ckpt.path), stat.st_mtime_ns, self.weight_format, self.compute_dtype, self.attention)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.variant}, {self.config.model_type})"
+
+
+@dataclass(eq=False)
+class VAEHandle:
+    """A Wan 2.1 / 2.2 VAE file and its detected config."""
+
+    ckpt: Checkpoint
+    config: VAEConfig
+
+    @property
+    def name(self) -> str:
+        return self.ckpt.name
+
+
+def _check_file(kind: str, family: str, file: str):
+    """VALIDATE_INPUTS body shared by the loaders: True, or a message naming the problem."""
+    if file not in comfy.list_models(kind):
+        return f"{file}: not found in the ComfyUI {kind} folder"
+    try:
+        open_checkpoint(comfy.model_path(kind, file), expect=family)
+    except (CheckpointError, FileNotFoundError) as err:
+        return str(err)
+    return True
 
 
 class _Loader:
@@ -17,17 +80,43 @@ class _Loader:
     def INPUT_TYPES(cls):
         return {"required": {"file": (comfy.list_models(cls.KIND),)}}
 
-    def load(self, file: str) -> tuple[Checkpoint]:
-        return (open_checkpoint(comfy.model_path(self.KIND, file), expect=self.FAMILY),)
+    @classmethod
+    def VALIDATE_INPUTS(cls, file):
+        # Reads the header only, so a wrong file is a 400 at /prompt, not a failed run.
+        return _check_file(cls.KIND, cls.FAMILY, file)
+
+    def _open(self, file: str) -> Checkpoint:
+        return open_checkpoint(comfy.model_path(self.KIND, file), expect=self.FAMILY)
+
+    def load(self, file: str):
+        return (self._open(file),)
 
 
 class WanFitModelLoader(_Loader):
     """Open a Wan 2.1 / 2.2 diffusion model (diffusion_models or unet folder). The file is
-    validated and its variant detected from tensor shapes; weights are read only when sampling."""
+    validated and its variant detected from tensor shapes; weights are read only when sampling,
+    in the chosen weight format (auto keeps fp8 files fp8), compute dtype and attention backend."""
 
     DISPLAY_NAME = "WanFit Model Loader"
     KIND, FAMILY = "diffusion_models", "dit"
     RETURN_TYPES = ("WANFIT_MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "file": (comfy.list_models(cls.KIND),),
+            "weight_dtype": (list(WEIGHT_FORMATS), {"default": "auto"}),
+            "compute_dtype": (list(COMPUTE_DTYPES), {"default": "bf16"}),
+            "attention": (["auto", *available_backends()], {"default": "auto"}),
+        }}
+
+    def load(self, file: str, weight_dtype: str = "auto", compute_dtype: str = "bf16", attention: str = "auto"):
+        ckpt = self._open(file)
+        try:
+            config = detect_dit_config(ckpt.shapes)
+        except ValueError as err:
+            raise CheckpointError(f"{ckpt.name}: {err}") from err
+        return (ModelHandle(ckpt, config, weight_dtype, compute_dtype, attention),)
 
 
 class WanFitVAELoader(_Loader):
@@ -36,6 +125,14 @@ class WanFitVAELoader(_Loader):
     DISPLAY_NAME = "WanFit VAE Loader"
     KIND, FAMILY = "vae", "vae"
     RETURN_TYPES = ("WANFIT_VAE",)
+
+    def load(self, file: str):
+        ckpt = self._open(file)
+        try:
+            config = detect_vae_config(ckpt.shapes)
+        except ValueError as err:
+            raise CheckpointError(f"{ckpt.name}: {err}") from err
+        return (VAEHandle(ckpt, config),)
 
 
 class WanFitTextEncoderLoader(_Loader):

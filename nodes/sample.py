@@ -1,0 +1,231 @@
+"""Sampler nodes: one pass of a flow-matching schedule (KSamplerAdvanced-style), and the
+two-expert Wan 2.2 A14B pass pair. The DiT is read from its file when the node runs; one model
+is held at a time, so the two experts are never both in memory."""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from ..optim import loading
+from ..wan.denoise import Conditioning, make_denoiser
+from ..wan.sampling import sample, seeded_noise
+from ..wan.schedulers import SOLVERS, boundary_step, flow_sigmas
+from . import comfy
+from .load import ModelHandle
+from .types import (SCHEDULE_KEY, SOLVER_STATE_KEY, ImageEmbeds, TextEmbeds, from_comfy_latent,
+                    to_comfy_latent)
+
+CATEGORY = "WanFit/sampling"
+MAX_STEPS = 10000
+BOUNDARIES = {"i2v": 0.900, "t2v": 0.875}  # official Wan 2.2 A14B expert switch (sigma)
+
+_LOADED: dict = {"key": None, "model": None}
+
+
+def release_model() -> None:
+    """Drop the held DiT and return its memory."""
+    _LOADED["key"] = _LOADED["model"] = None
+    gc.collect()
+    comfy.free_memory_cache()
+
+
+def get_model(handle: ModelHandle):
+    """The DiT for ``handle`` on the compute device; a different one held before is released
+    first, so two experts never share memory."""
+    key = handle.key
+    if _LOADED["key"] != key:
+        release_model()
+        model = loading.load_dit(handle.ckpt, dtype=loading.DTYPES[handle.compute_dtype],
+                                 weight_format=handle.weight_format, device=comfy.compute_device(),
+                                 attention=handle.attention)
+        _LOADED.update(key=key, model=model)
+    return _LOADED["model"]
+
+
+def check_pairing(handle: ModelHandle, embeds: ImageEmbeds) -> None:
+    """A clear error when the model and the embeds are for different tasks."""
+    c = handle.config
+    y_dim = c.in_dim - c.out_dim
+    if c.model_type == "t2v" and embeds.y is not None:
+        raise ValueError(f"model {handle.describe()} is text-to-video, but its image embeds come from "
+                         f"{embeds.source} (image-to-video); use WanFit Empty Embeds or an i2v model")
+    if c.model_type == "i2v" and embeds.y is None:
+        raise ValueError(f"model {handle.describe()} is image-to-video, but its image embeds come from "
+                         f"{embeds.source} (text-to-video, no image); use WanFit Image-to-Video Encode")
+    if c.model_type == "ti2v" and embeds.y is not None:
+        raise ValueError(f"model {handle.describe()} (TI2V-5B) cannot take {embeds.source} conditioning "
+                         "(built for Wan 2.1 / 2.2-A14B i2v); use WanFit Empty Embeds")
+    if embeds.y is not None and embeds.y.shape[1] != y_dim:
+        raise ValueError(f"model {handle.describe()} takes {y_dim} conditioning channels, the image embeds "
+                         f"have {embeds.y.shape[1]}")
+    if c.clip and embeds.clip_fea is None:
+        raise ValueError(f"model {handle.describe()} (Wan 2.1 i2v) needs CLIP image features: connect a "
+                         "WanFit CLIP Vision Loader to Image-to-Video Encode")
+
+
+def latent_shape(handle: ModelHandle, embeds: ImageEmbeds) -> tuple[int, ...]:
+    c = handle.config
+    if embeds.y is not None:
+        return (1, c.out_dim, *embeds.y.shape[2:])
+    unit = 16 if c.out_dim == 48 else 8  # Wan 2.2 VAE (TI2V-5B) or Wan 2.1 VAE
+    step = unit * c.patch_size[1]
+    if embeds.width % step or embeds.height % step:
+        raise ValueError(f"model {handle.describe()}: width x height {embeds.width}x{embeds.height} must be "
+                         f"multiples of {step}")
+    return (1, c.out_dim, embeds.latent_frames, embeds.height // unit, embeds.width // unit)
+
+
+def _conditioning(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, dtype: torch.dtype):
+    clip = embeds.clip_fea if handle.config.clip else None
+    ctx = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    y = ctx(embeds.y)
+    return Conditioning(ctx(text.positive), y, ctx(clip)), Conditioning(ctx(text.negative), y, ctx(clip))
+
+
+class _Progress:
+    """ComfyUI progress bar per step; Cancel raises between steps."""
+
+    def __init__(self, total: int, offset: int):
+        self.bar, self.total, self.offset = comfy.progress_bar(total), total, offset
+
+    def __call__(self, step: int, steps: int, x, x0) -> None:
+        self.bar.update_absolute(step - self.offset + 1, self.total)
+        comfy.throw_if_interrupted()
+
+
+def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent: torch.Tensor,
+             sigmas: torch.Tensor, solver: str, cfg: float, start: int, end: int, noise, add_noise: bool,
+             leftover: bool, state, callback):
+    """One pass with ``handle``'s model; memory is released if it fails or is cancelled."""
+    check_pairing(handle, embeds)
+    try:
+        model = get_model(handle)
+        positive, negative = _conditioning(handle, text, embeds, loading.DTYPES[handle.compute_dtype])
+        denoise = make_denoiser(model, positive, negative, cfg)
+        with torch.inference_mode():
+            return sample(denoise, latent, sigmas, solver, start_step=start, end_step=end, noise=noise,
+                          add_noise=add_noise, return_with_leftover_noise=leftover, solver_state=state,
+                          callback=callback)
+    except BaseException:
+        release_model()
+        raise
+
+
+def _initial(handle: ModelHandle, embeds: ImageEmbeds, latent: dict | None, schedule: dict):
+    """Starting latent (normalised) and solver state, from a LATENT input or zeros."""
+    shape = latent_shape(handle, embeds)
+    if latent is None:
+        return torch.zeros(shape), None
+    x = from_comfy_latent(latent["samples"])
+    if tuple(x.shape[1:]) != tuple(shape[1:]):
+        raise ValueError(f"the input LATENT has shape {tuple(x.shape)}, but model {handle.describe()} with "
+                         f"these embeds needs {shape}")
+    state = latent.get(SOLVER_STATE_KEY)
+    previous = latent.get(SCHEDULE_KEY)
+    if state and previous:
+        same = all(previous.get(k) == schedule[k] for k in ("steps", "shift", "scheduler"))
+        if not same or previous.get("end_step") != schedule["start_step"]:
+            state = None  # a different schedule: start the solver afresh, as ComfyUI would
+    return x, state
+
+
+def _output(x: torch.Tensor, state, schedule: dict) -> tuple[dict]:
+    return ({"samples": to_comfy_latent(x), SOLVER_STATE_KEY: {k: v.cpu() for k, v in state.items()},
+             SCHEDULE_KEY: schedule},)
+
+
+_COMMON = {
+    "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS}),
+    "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+    "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+    "scheduler": (list(SOLVERS), {"default": "unipc"}),
+}
+
+
+class WanFitSampler:
+    """One sampling pass over steps start_step..end_step of a flow-matching schedule
+    (KSamplerAdvanced-style). With return_with_leftover_noise the LATENT carries the noise
+    left and the solver's memory, so a second Sampler (add_noise off, start_step = this
+    end_step) continues exactly: that is how the two Wan 2.2 A14B experts chain."""
+
+    DISPLAY_NAME = "WanFit Sampler"
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("WANFIT_MODEL",), "text_embeds": ("WANFIT_TEXT_EMBEDS",),
+            "image_embeds": ("WANFIT_IMAGE_EMBEDS",),
+            "steps": _COMMON["steps"], "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1}),
+            "shift": _COMMON["shift"], "seed": _COMMON["seed"], "scheduler": _COMMON["scheduler"],
+            "start_step": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS}),
+            "end_step": ("INT", {"default": MAX_STEPS, "min": 0, "max": MAX_STEPS}),
+            "add_noise": ("BOOLEAN", {"default": True}),
+            "return_with_leftover_noise": ("BOOLEAN", {"default": False}),
+        }, "optional": {"latent": ("LATENT",)}}
+
+    def run(self, model: ModelHandle, text_embeds: TextEmbeds, image_embeds: ImageEmbeds, steps: int, cfg: float,
+            shift: float, seed: int, scheduler: str, start_step: int, end_step: int, add_noise: bool,
+            return_with_leftover_noise: bool, latent: dict | None = None):
+        end = min(end_step, steps)
+        schedule = dict(steps=steps, shift=shift, scheduler=scheduler, start_step=start_step, end_step=end)
+        x, state = _initial(model, image_embeds, latent, schedule)
+        sigmas = flow_sigmas(steps, shift)
+        noise = seeded_noise(seed, x.shape) if add_noise else None
+        result = run_pass(model, text_embeds, image_embeds, x, sigmas, scheduler, cfg, start_step, end, noise,
+                          add_noise, return_with_leftover_noise, state,
+                          _Progress(max(end - start_step, 1), start_step))
+        return _output(result.latent, result.solver_state, schedule)
+
+
+class WanFitTwoPassSampler:
+    """Wan 2.2 A14B in one node: the high-noise expert runs the first steps, the low-noise
+    expert the rest, with one schedule and solver memory across the switch. Switch at a step,
+    or at a boundary sigma (0 = official: 0.900 for i2v, 0.875 for t2v). Only one expert is
+    in memory at a time."""
+
+    DISPLAY_NAME = "WanFit Two-Pass Sampler"
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("LATENT",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        cfg = ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1})
+        return {"required": {
+            "high_noise_model": ("WANFIT_MODEL",), "low_noise_model": ("WANFIT_MODEL",),
+            "text_embeds": ("WANFIT_TEXT_EMBEDS",), "image_embeds": ("WANFIT_IMAGE_EMBEDS",),
+            "steps": _COMMON["steps"], "cfg_high": cfg, "cfg_low": cfg,
+            "shift": _COMMON["shift"], "seed": _COMMON["seed"], "scheduler": _COMMON["scheduler"],
+            "switch_at": (["step", "boundary"], {"default": "step"}),
+            "switch_step": ("INT", {"default": 10, "min": 0, "max": MAX_STEPS}),
+            "boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+        }}
+
+    def run(self, high_noise_model: ModelHandle, low_noise_model: ModelHandle, text_embeds: TextEmbeds,
+            image_embeds: ImageEmbeds, steps: int, cfg_high: float, cfg_low: float, shift: float, seed: int,
+            scheduler: str, switch_at: str, switch_step: int, boundary: float):
+        check_pairing(high_noise_model, image_embeds)
+        check_pairing(low_noise_model, image_embeds)
+        sigmas = flow_sigmas(steps, shift)
+        if switch_at == "boundary":
+            b = boundary or BOUNDARIES.get(high_noise_model.config.model_type, 0.875)
+            k = boundary_step(sigmas, b)
+        else:
+            k = min(switch_step, steps)
+        x = torch.zeros(latent_shape(high_noise_model, image_embeds))
+        noise = seeded_noise(seed, x.shape)
+        progress = _Progress(steps, 0)
+        a = run_pass(high_noise_model, text_embeds, image_embeds, x, sigmas, scheduler, cfg_high, 0, k, noise,
+                     True, True, None, progress)
+        add_noise = k == 0  # nothing ran yet: the low expert starts from noise
+        b = run_pass(low_noise_model, text_embeds, image_embeds, a.latent, sigmas, scheduler, cfg_low, k, steps,
+                     noise if add_noise else None, add_noise, False, a.solver_state, progress)
+        schedule = dict(steps=steps, shift=shift, scheduler=scheduler, start_step=0, end_step=steps)
+        return _output(b.latent, b.solver_state, schedule)
+
+
+NODES = {cls.__name__: cls for cls in (WanFitSampler, WanFitTwoPassSampler)}

@@ -1,0 +1,162 @@
+"""The node functions in-process (ComfyUI's hooks replaced): caching, conditioning layout,
+model / embeds pairing and the two-sampler chain equal to one Two-Pass run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import factory
+from wanfit.nodes import comfy, decode, encode, load, sample
+from wanfit.nodes.types import SOLVER_STATE_KEY
+
+NAMES = ["wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors",
+         "wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"]
+
+
+class _Bar:
+    def __init__(self, total):
+        self.calls = []
+
+    def update_absolute(self, value, total=None):
+        self.calls.append((value, total))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return factory.write_models(root, NAMES)
+
+
+@pytest.fixture(autouse=True)
+def no_comfy(monkeypatch, models):
+    folder = {name: path for name, path in models.items()}
+    bars = []
+    monkeypatch.setattr(comfy, "compute_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(comfy, "free_memory_cache", lambda: None)
+    monkeypatch.setattr(comfy, "throw_if_interrupted", lambda: None)
+    monkeypatch.setattr(comfy, "progress_bar", lambda total: bars.append(_Bar(total)) or bars[-1])
+    monkeypatch.setattr(comfy, "list_models", lambda kind: sorted(folder))
+    monkeypatch.setattr(comfy, "model_path", lambda kind, name: str(folder[name]))
+    yield bars
+    sample.release_model()
+
+
+def _model(name, **kw):
+    return load.WanFitModelLoader().load(name, compute_dtype="fp32", **kw)[0]
+
+
+def _text():
+    te = load.WanFitTextEncoderLoader().load("umt5_xxl_fp8_e4m3fn_scaled.safetensors")[0]
+    return encode.WanFitTextEncode().encode(te, "a cat walks", "blurry")[0]
+
+
+def _image_embeds(frames=5, size=32):
+    vae = load.WanFitVAELoader().load("wan_2.1_vae.safetensors")[0]
+    image = torch.rand(1, 40, 56, 3)
+    return encode.WanFitImageToVideoEncode().encode(vae, image, size, size, frames)[0]
+
+
+def test_text_embeds_are_cached_per_prompt():
+    encode._TEXT_CACHE.clear()
+    te = load.WanFitTextEncoderLoader().load("umt5_xxl_fp8_e4m3fn_scaled.safetensors")[0]
+    node = encode.WanFitTextEncode()
+    before = encode.ENCODE_CALLS["count"]
+    a = node.encode(te, "a cat walks", "blurry")[0]
+    assert a.positive.shape == (1, 512, factory.TEXT_DIM)
+    assert encode.ENCODE_CALLS["count"] == before + 1
+    b = node.encode(te, "a cat walks", "blurry")[0]
+    assert encode.ENCODE_CALLS["count"] == before + 1, "same prompts re-encoded"
+    assert torch.equal(a.positive, b.positive) and not torch.equal(a.positive, a.negative)
+    node.encode(te, "a dog runs", "blurry")
+    assert encode.ENCODE_CALLS["count"] == before + 2
+    for i in range(encode.TEXT_CACHE_SIZE + 3):
+        encode._TEXT_CACHE[("x", i)] = torch.zeros(1)
+    node.encode(te, "a cat walks", "blurry")
+    assert len(encode._TEXT_CACHE) <= encode.TEXT_CACHE_SIZE
+
+
+def test_i2v_conditioning_layout():
+    embeds = _image_embeds(frames=9, size=32)
+    assert embeds.y.shape == (1, 4 + 16, 3, 4, 4)
+    mask = embeds.y[0, :4]
+    assert torch.all(mask[:, 0] == 1) and torch.all(mask[:, 1:] == 0)
+    vae = load.WanFitVAELoader().load("wan_2.1_vae.safetensors")[0]
+    flf = encode.WanFitImageToVideoEncode().encode(vae, torch.rand(1, 32, 32, 3), 32, 32, 9,
+                                                   end_image=torch.rand(1, 32, 32, 3))[0]
+    # official flf2v: only the last pixel frame is known, the 4th of the last latent frame's group
+    assert torch.all(flf.y[0, 3, -1] == 1) and torch.all(flf.y[0, :3, -1] == 0) and torch.all(flf.y[0, :4, 1] == 0)
+
+
+def test_fit_image_center_crops():
+    image = torch.zeros(1, 20, 40, 3)
+    image[:, :, 10:30] = 1.0
+    out = encode.fit_image(image, 16, 16)
+    assert out.shape == (3, 16, 16)
+    assert torch.allclose(out, torch.ones_like(out))  # only the bright middle survives the crop
+
+
+def test_size_validation_messages():
+    assert encode.WanFitEmptyEmbeds.VALIDATE_INPUTS(width=832, height=480, frames=81) is True
+    assert "4n+1" in encode.WanFitEmptyEmbeds.VALIDATE_INPUTS(width=832, height=480, frames=80)
+    assert "multiples of 16" in encode.WanFitImageToVideoEncode.VALIDATE_INPUTS(width=840, height=480, frames=81)
+    assert "multiples of 32" in encode.check_size(48, 32, 5, unit=32)
+
+
+def test_loader_options_and_file_validation(models, tmp_path):
+    handle = _model(NAMES[0], weight_dtype="fp8_e4m3fn", attention="sdpa")
+    assert handle.config.model_type == "i2v" and handle.weight_format == "fp8_e4m3fn"
+    inputs = load.WanFitModelLoader.INPUT_TYPES()["required"]
+    assert inputs["attention"][0][:1] == ["auto"] and "sdpa" in inputs["attention"][0]
+    assert inputs["compute_dtype"][0] == ["bf16", "fp16", "fp32"]
+    assert load.WanFitTextEncoderLoader.VALIDATE_INPUTS("umt5_xxl_fp8_e4m3fn_scaled.safetensors") is True
+    msg = load.WanFitTextEncoderLoader.VALIDATE_INPUTS("wan_2.1_vae.safetensors")
+    assert "UMT5" in msg and "VAE" in msg
+    assert "not found" in load.WanFitVAELoader.VALIDATE_INPUTS("nope.safetensors")
+
+
+def test_t2v_model_with_i2v_embeds_is_a_clear_error():
+    with pytest.raises(ValueError, match="text-to-video.*Image-to-Video Encode"):
+        sample.WanFitSampler().run(_model(NAMES[2]), _text(), _image_embeds(), 2, 3.0, 5.0, 0, "unipc", 0, 2,
+                                   True, False)
+    empty = encode.WanFitEmptyEmbeds().embeds(32, 32, 5)[0]
+    with pytest.raises(ValueError, match="image-to-video.*Empty Embeds"):
+        sample.WanFitSampler().run(_model(NAMES[0]), _text(), empty, 2, 3.0, 5.0, 0, "unipc", 0, 2, True, False)
+
+
+@pytest.mark.parametrize("solver", ["unipc", "euler"])
+def test_two_samplers_equal_one_two_pass_run(no_comfy, solver):
+    text, embeds = _text(), _image_embeds(frames=5, size=32)
+    high, low = _model(NAMES[0]), _model(NAMES[1])
+    steps, k, seed = 4, 2, 7
+    s = sample.WanFitSampler()
+    a = s.run(high, text, embeds, steps, 3.5, 5.0, seed, solver, 0, k, True, True)[0]
+    assert SOLVER_STATE_KEY in a
+    b = s.run(low, text, embeds, steps, 3.5, 5.0, seed, solver, k, steps, False, False, latent=a)[0]
+    assert sample._LOADED["key"] == low.key  # the high expert was released first
+    two = sample.WanFitTwoPassSampler().run(high, low, text, embeds, steps, 3.5, 3.5, 5.0, seed, solver,
+                                            "step", k, 0.0)[0]
+    assert b["samples"].shape == (1, 16, 2, 4, 4)
+    torch.testing.assert_close(b["samples"], two["samples"], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(a["samples"], b["samples"])
+    bar = no_comfy[-1]
+    assert [v for v, _ in bar.calls] == [1, 2, 3, 4]  # the Two-Pass bar runs over all steps
+
+
+def test_boundary_switch_and_decode():
+    text, embeds = _text(), _image_embeds(frames=5, size=32)
+    high, low = _model(NAMES[0]), _model(NAMES[1])
+    out = sample.WanFitTwoPassSampler().run(high, low, text, embeds, 3, 3.5, 3.5, 5.0, 1, "unipc",
+                                            "boundary", 0, 0.0)[0]
+    vae = load.WanFitVAELoader().load("wan_2.1_vae.safetensors")[0]
+    frames = decode.WanFitVAEDecode().decode(vae, out)[0]
+    assert frames.shape == (5, 32, 32, 3) and 0 <= frames.min() and frames.max() <= 1
+
+
+def test_cancel_releases_the_model(monkeypatch):
+    def cancel():
+        raise KeyboardInterrupt("cancelled")
+    monkeypatch.setattr(comfy, "throw_if_interrupted", cancel)
+    empty = encode.WanFitEmptyEmbeds().embeds(32, 32, 5)[0]
+    with pytest.raises(KeyboardInterrupt):
+        sample.WanFitSampler().run(_model(NAMES[2]), _text(), empty, 3, 3.0, 5.0, 0, "unipc", 0, 3, True, False)
+    assert sample._LOADED["model"] is None
