@@ -1,0 +1,80 @@
+"""Shared pieces of the workflow end-to-end tests: the factory models written into the
+server's model folders (before it lists them), the start image uploaded, small job sizes."""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+import factory
+from pack import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "workflows"))
+import build  # noqa: E402  (workflows/build.py)
+
+WORKFLOWS = REPO_ROOT / "workflows"
+START_IMAGE = "start.png"
+
+
+@pytest.fixture(scope="session")
+def wan_models(comfy_models_dir):
+    """Every factory file under its real name; request this before ``comfy_server``."""
+    return factory.write_models(comfy_models_dir)
+
+
+def upload_image(server, name: str = START_IMAGE, size=(72, 56)) -> None:
+    """POST /upload/image (multipart), as the editor's upload button does."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 120, 40)).save(buf, format="PNG")
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + buf.getvalue() + (
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
+            f"--{boundary}--\r\n").encode()
+    req = urllib.request.Request(server.url + "/upload/image", data=body,
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200
+
+
+def api_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+def small(prompt: dict, size: int = 64, steps: int = 2) -> dict:
+    """The same graph at a test size: ``size`` pixels square, a few steps; frames kept."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] in ("WanFitEmptyEmbeds", "WanFitImageToVideoEncode"):
+            inputs["width"] = inputs["height"] = size
+        elif node["class_type"] == "WanFitSampler":
+            full = inputs["steps"]
+            inputs["steps"] = steps
+            for key in ("start_step", "end_step"):
+                if inputs[key] < full:
+                    inputs[key] = inputs[key] * steps // full
+        elif node["class_type"] == "WanFitTwoPassSampler":
+            inputs["steps"] = steps + 1
+            inputs["switch_step"] = 1
+    return prompt
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def error_text(entry: dict) -> str:
+    """The execution error a history entry carries (exception type and message)."""
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return f"{data.get('exception_type')}: {data.get('exception_message')}"
+    return ""

@@ -1,0 +1,117 @@
+"""The shipped workflows: every node and widget value valid on a real ComfyUI, UI and API
+files the same graph, and each API workflow run over HTTP on the factory models (small
+size, few steps, frame counts kept) to a saved animated WEBP with the right frame count."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from e2e import WORKFLOWS, api_workflow, build, node_of, small, upload_image, wan_models  # noqa: F401
+
+pytestmark = pytest.mark.e2e
+
+NAMES = sorted(build.GRAPHS)
+FRAMES = {"wan22_i2v_a14b_61f_32gb": 61, "wan22_i2v_a14b_81f_32gb": 81, "wan22_t2v_a14b_81f_32gb": 81,
+          "wan21_t2v_1.3b_low_ram": 81, "wan22_ti2v_5b_121f": 121}
+LINK_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+@pytest.fixture(scope="module")
+def server(wan_models, comfy_server):
+    upload_image(comfy_server)
+    return comfy_server
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.client().object_info()
+
+
+def _inputs(info: dict) -> dict:
+    spec = info["input"]
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def _is_widget(spec) -> bool:
+    return isinstance(spec[0], list) or spec[0] in LINK_TYPES
+
+
+def test_files_are_current():
+    for name, make in build.GRAPHS.items():
+        nodes = make()
+        assert json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()) == build.to_api(nodes), name
+        assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == build.to_ui(nodes), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_node_and_widget_value_is_valid(name, object_info):
+    for node_id, node in api_workflow(name).items():
+        assert node["class_type"] in object_info, f"{name}: unknown node {node['class_type']}"
+        specs = _inputs(object_info[node["class_type"]])
+        for key, value in node["inputs"].items():
+            assert key in specs, f"{name} node {node_id}: {node['class_type']} has no input {key}"
+            spec = specs[key]
+            if isinstance(value, list) and not _is_widget(spec):
+                continue  # a link; ComfyUI checks the types when queued
+            options = spec[1] if len(spec) > 1 else {}
+            where = f"{name} node {node_id} {node['class_type']}.{key}={value!r}"
+            if isinstance(spec[0], list):
+                assert value in spec[0], f"{where}: not in {spec[0][:10]}"
+            elif spec[0] in ("INT", "FLOAT"):
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+                if spec[0] == "INT":
+                    assert isinstance(value, int), where
+                assert options.get("min", value) <= value <= options.get("max", value), where
+            elif spec[0] == "BOOLEAN":
+                assert isinstance(value, bool), where
+            elif spec[0] == "STRING":
+                assert isinstance(value, str), where
+        required = object_info[node["class_type"]]["input"].get("required", {})
+        assert not set(required) - set(node["inputs"]), f"{name} node {node_id}: missing inputs"
+
+
+def _api_from_ui(ui: dict, object_info: dict) -> dict:
+    links = {row[0]: row for row in ui["links"]}
+    graph = {}
+    for node in ui["nodes"]:
+        inputs = {}
+        linked = {i["name"] for i in node["inputs"] if i["link"] is not None}
+        values = list(node["widgets_values"])
+        for key, spec in _inputs(object_info[node["type"]]).items():
+            if not _is_widget(spec) or key in linked:
+                continue
+            inputs[key] = values.pop(0)
+            for extra in build.ui_extra_widgets(node["type"], key):
+                assert values.pop(0) == extra
+        assert not values, f"node {node['id']}: widgets_values left over: {values}"
+        for i in node["inputs"]:
+            if i["link"] is not None:
+                _, src, slot, dst, dst_slot, typ = links[i["link"]]
+                assert dst == node["id"] and node["inputs"][dst_slot]["name"] == i["name"]
+                inputs[i["name"]] = [str(src), slot]
+        entry = {"class_type": node["type"], "inputs": inputs}
+        if "title" in node:
+            entry["_meta"] = {"title": node["title"]}
+        graph[str(node["id"])] = entry
+    return graph
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_and_api_are_the_same_graph(name, object_info):
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    assert _api_from_ui(ui, object_info) == api_workflow(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_over_http(name, server):
+    prompt = small(api_workflow(name), size=32 if "ti2v" in name else 64)
+    entry = server.client().run(prompt, timeout=240)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = entry["outputs"][node_of(prompt, "SaveAnimatedWEBP")]["images"]
+    assert len(images) == 1
+    path = server.output_dir / images[0]["subfolder"] / images[0]["filename"]
+    with Image.open(path) as webp:
+        assert webp.n_frames == FRAMES[name]
+        assert webp.size == ((32, 32) if "ti2v" in name else (64, 64))
