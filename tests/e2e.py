@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 import sys
 import urllib.request
 import uuid
@@ -20,12 +21,18 @@ import build  # noqa: E402  (workflows/build.py)
 
 WORKFLOWS = REPO_ROOT / "workflows"
 START_IMAGE = "start.png"
+NOT_UMT5 = "umt5_xxl_but_really_a_vae.safetensors"
 
 
 @pytest.fixture(scope="session")
 def wan_models(comfy_models_dir):
     """Every factory file under its real name; request this before ``comfy_server``."""
-    return factory.write_models(comfy_models_dir)
+    written = factory.write_models(comfy_models_dir)
+    # A VAE under a text encoder's folder and name: what a user who picked the wrong file has.
+    wrong = Path(comfy_models_dir) / "text_encoders" / NOT_UMT5
+    if not wrong.exists():
+        shutil.copyfile(written["wan_2.1_vae.safetensors"], wrong)
+    return written
 
 
 def upload_image(server, name: str = START_IMAGE, size=(72, 56)) -> None:
