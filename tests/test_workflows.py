@@ -106,7 +106,8 @@ def test_ui_and_api_are_the_same_graph(name, object_info):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_over_http(name, server):
-    prompt = small(api_workflow(name), size=32 if "ti2v" in name else 64)
+    # 32x32: the tiny VAE's decode of 81 frames dominates the run time (13 s at 64x64, 5 s here)
+    prompt = small(api_workflow(name), size=32)
     entry = server.client().run(prompt, timeout=240)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     images = entry["outputs"][node_of(prompt, "SaveAnimatedWEBP")]["images"]
@@ -114,4 +115,4 @@ def test_workflow_runs_over_http(name, server):
     path = server.output_dir / images[0]["subfolder"] / images[0]["filename"]
     with Image.open(path) as webp:
         assert webp.n_frames == FRAMES[name]
-        assert webp.size == ((32, 32) if "ti2v" in name else (64, 64))
+        assert webp.size == (32, 32)
