@@ -162,7 +162,8 @@ class WanFitImageToVideoEncode:
     """Image-to-video: resize and center-crop the start image (and optional end image) to the
     target size, encode [start, zeros..., end] with the VAE and prepend the official 4-channel
     frame mask; with a CLIP vision encoder (Wan 2.1 i2v) add its image features. For Wan 2.1
-    and Wan 2.2 I2V-A14B."""
+    and Wan 2.2 I2V-A14B (wan_2.1_vae); with the Wan 2.2 VAE (TI2V-5B) the start image's latent
+    becomes the first latent frame instead."""
 
     DISPLAY_NAME = "WanFit Image-to-Video Encode"
     CATEGORY = CATEGORY
@@ -186,14 +187,19 @@ class WanFitImageToVideoEncode:
         ok = check_size(width, height, frames, unit)
         if ok is not True:
             raise ValueError(f"{ok} (VAE {vae.name}, Wan {vae.config.version})")
-        if vae.config.version != "2.1":
-            raise ValueError(f"{vae.name} is a Wan 2.2 VAE (TI2V-5B); image conditioning for TI2V-5B is "
-                             "not supported by this node yet. Wan 2.1 / 2.2-A14B i2v use wan_2.1_vae.")
         device = comfy.compute_device()
         start = fit_image(start_image, width, height)
         end = None if end_image is None else fit_image(end_image, width, height)
+        if vae.config.version != "2.1" and end is not None:
+            raise ValueError(f"{vae.name} is a Wan 2.2 VAE (TI2V-5B), which takes a start image only; "
+                             "disconnect end_image")
         model = loading.load_vae(vae.ckpt, default_dtype(device), device)
         try:
+            if vae.config.version != "2.1":  # TI2V-5B: the image latent is the first latent frame
+                with torch.inference_mode():
+                    first = model.encode(start[None, :, None]).float().cpu()
+                return (ImageEmbeds(width, height, frames, first_latent=first,
+                                    source="WanFit Image-to-Video Encode (Wan 2.2 VAE)"),)
             y = i2v_conditioning(model, start, end, frames)
         finally:
             del model

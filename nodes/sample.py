@@ -8,7 +8,7 @@ import gc
 import torch
 
 from ..optim import loading
-from ..wan.denoise import Conditioning, make_denoiser
+from ..wan.denoise import Conditioning, make_denoiser, run_all_blocks
 from ..wan.sampling import sample, seeded_noise
 from ..wan.schedulers import SOLVERS, boundary_step, flow_sigmas
 from . import comfy
@@ -53,6 +53,9 @@ def check_pairing(handle: ModelHandle, embeds: ImageEmbeds) -> None:
     if c.model_type == "i2v" and embeds.y is None:
         raise ValueError(f"model {handle.describe()} is image-to-video, but its image embeds come from "
                          f"{embeds.source} (text-to-video, no image); use WanFit Image-to-Video Encode")
+    if embeds.first_latent is not None and c.model_type != "ti2v":
+        raise ValueError(f"model {handle.describe()} is not TI2V-5B, but its image embeds were encoded with a "
+                         "Wan 2.2 VAE (TI2V-5B start image); use wan_2.1_vae for Wan 2.1 / 2.2-A14B i2v")
     if c.model_type == "ti2v" and embeds.y is not None:
         raise ValueError(f"model {handle.describe()} (TI2V-5B) cannot take {embeds.source} conditioning "
                          "(built for Wan 2.1 / 2.2-A14B i2v); use WanFit Empty Embeds")
@@ -68,6 +71,8 @@ def latent_shape(handle: ModelHandle, embeds: ImageEmbeds) -> tuple[int, ...]:
     c = handle.config
     if embeds.y is not None:
         return (1, c.out_dim, *embeds.y.shape[2:])
+    if embeds.first_latent is not None:
+        return (1, c.out_dim, embeds.latent_frames, *embeds.first_latent.shape[3:])
     unit = 16 if c.out_dim == 48 else 8  # Wan 2.2 VAE (TI2V-5B) or Wan 2.1 VAE
     step = unit * c.patch_size[1]
     if embeds.width % step or embeds.height % step:
@@ -81,6 +86,36 @@ def _conditioning(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, dt
     ctx = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     y = ctx(embeds.y)
     return Conditioning(ctx(text.positive), y, ctx(clip)), Conditioning(ctx(text.negative), y, ctx(clip))
+
+
+def ti2v_denoiser(model, positive: Conditioning, negative: Conditioning, cfg: float, first: torch.Tensor):
+    """TI2V-5B with a start image, as official textimage2video.i2v: the first latent frame is the
+    image latent and its tokens see timestep 0, the others the step's. Its velocity is set so the
+    solver's x0 prediction there is the image latent, which keeps that frame fixed."""
+    device = model.patch_embedding.weight.device
+    run = run_all_blocks(model)
+    _, ph, pw = model.config.patch_size
+
+    def forward(x, sigma, step, context):
+        x = x.clone()
+        x[:, :, :1] = first.to(x)
+        b, _, f, h, w = x.shape
+        t = torch.full((b, f, (h // ph) * (w // pw)), sigma * 1000.0, device=device)
+        t[:, 0] = 0.0
+        state = model.embed(x.to(device), t.flatten(1), context.to(device))
+        return model.unembed(run(state, step)).to(x.device)
+
+    def denoise(x, sigma, step):
+        if cfg == 1.0:
+            v = forward(x, sigma, step, positive.context)
+        else:
+            cond, uncond = forward(torch.cat([x, x]), sigma, step,
+                                   torch.cat([positive.context, negative.context])).chunk(2)
+            v = uncond + cfg * (cond - uncond)
+        v[:, :, :1] = (x[:, :, :1] - first.to(x)) / sigma
+        return v
+
+    return denoise
 
 
 class _Progress:
@@ -102,11 +137,20 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
     try:
         model = get_model(handle)
         positive, negative = _conditioning(handle, text, embeds, loading.DTYPES[handle.compute_dtype])
-        denoise = make_denoiser(model, positive, negative, cfg)
+        first = embeds.first_latent
+        if first is None:
+            denoise = make_denoiser(model, positive, negative, cfg)
+        else:
+            denoise = ti2v_denoiser(model, positive, negative, cfg, first)
         with torch.inference_mode():
-            return sample(denoise, latent, sigmas, solver, start_step=start, end_step=end, noise=noise,
-                          add_noise=add_noise, return_with_leftover_noise=leftover, solver_state=state,
-                          callback=callback)
+            result = sample(denoise, latent, sigmas, solver, start_step=start, end_step=end, noise=noise,
+                            add_noise=add_noise, return_with_leftover_noise=leftover, solver_state=state,
+                            callback=callback)
+            if first is not None and start < min(end, len(sigmas) - 1):
+                left = float(sigmas[min(end, len(sigmas) - 1)]) if leftover else 0.0
+                result.latent = result.latent.clone()
+                result.latent[:, :, :1] = first.to(result.latent) / (1 - left)  # the image frame, exactly
+        return result
     except BaseException:
         release_model()
         raise

@@ -26,7 +26,9 @@ class ImageEmbeds:
     """WANFIT_IMAGE_EMBEDS: the video's size and, for image-to-video, its conditioning.
 
     ``y`` (Wan 2.1 / 2.2-A14B i2v): [1, 4 + z, T, h, w] mask + VAE latent (normalised);
-    ``clip_fea``: CLIP vision features for Wan 2.1 i2v. Both None for text-to-video.
+    ``clip_fea``: CLIP vision features for Wan 2.1 i2v; ``first_latent`` (TI2V-5B with a start
+    image): the Wan 2.2 VAE latent [1, 48, 1, h, w] that becomes the first latent frame, its
+    tokens at timestep 0. All None for text-to-video.
     """
 
     width: int
@@ -34,10 +36,13 @@ class ImageEmbeds:
     frames: int
     y: Tensor | None = None
     clip_fea: Tensor | None = None
+    first_latent: Tensor | None = None
     source: str = "WanFit Empty Embeds"
 
     @property
     def mode(self) -> str:
+        if self.first_latent is not None:
+            return "ti2v"
         return "t2v" if self.y is None else "i2v"
 
     @property

@@ -160,3 +160,25 @@ def test_cancel_releases_the_model(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sample.WanFitSampler().run(_model(NAMES[2]), _text(), empty, 3, 3.0, 5.0, 0, "unipc", 0, 3, True, False)
     assert sample._LOADED["model"] is None
+
+
+def test_ti2v_start_image_is_the_first_latent_frame(models, tmp_path, monkeypatch):
+    extra = factory.write_models(tmp_path, ["wan2.2_ti2v_5B_fp16.safetensors", "wan2.2_vae.safetensors"])
+    folder = {**models, **extra}
+    monkeypatch.setattr(comfy, "list_models", lambda kind: sorted(folder))
+    monkeypatch.setattr(comfy, "model_path", lambda kind, name: str(folder[name]))
+    vae = load.WanFitVAELoader().load("wan2.2_vae.safetensors")[0]
+    with pytest.raises(ValueError, match="multiples of 32"):
+        encode.WanFitImageToVideoEncode().encode(vae, torch.rand(1, 48, 48, 3), 48, 48, 5)
+    embeds = encode.WanFitImageToVideoEncode().encode(vae, torch.rand(1, 40, 40, 3), 32, 32, 9)[0]
+    assert embeds.mode == "ti2v" and embeds.first_latent.shape == (1, 48, 1, 2, 2) and embeds.y is None
+    ti2v = _model("wan2.2_ti2v_5B_fp16.safetensors")
+    out = sample.WanFitSampler().run(ti2v, _text(), embeds, 2, 5.0, 5.0, 3, "unipc", 0, 2, True, False)[0]
+    from wanfit.nodes.types import from_comfy_latent
+    latent = from_comfy_latent(out["samples"])
+    assert latent.shape == (1, 48, 3, 2, 2)
+    torch.testing.assert_close(latent[:, :, :1], embeds.first_latent, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not TI2V-5B"):
+        sample.WanFitSampler().run(_model(NAMES[2]), _text(), embeds, 2, 5.0, 5.0, 3, "unipc", 0, 2, True, False)
+    frames = decode.WanFitVAEDecode().decode(vae, out)[0]
+    assert frames.shape == (9, 32, 32, 3)
