@@ -93,3 +93,27 @@ def test_t2v_model_in_the_i2v_path(server):
     assert "wan2.2_t2v_high_noise_14B_fp8_scaled" in message and "text-to-video" in message, message
     assert "Image-to-Video Encode" in message, message
     _good_job_runs(server)
+
+
+def test_cancel_stops_between_steps(server):
+    """/interrupt during a long sampler run stops it within a step or two; the next job runs."""
+    import time
+
+    client = server.client()
+    prompt = _t2v(frames=81)
+    inputs = prompt[node_of(prompt, "WanFitSampler")]["inputs"]
+    inputs.update(steps=5000, end_step=5000, seed=next(_SEEDS))
+    status, reply = client.queue_prompt(prompt)
+    assert status == 200, reply
+    deadline = time.monotonic() + 60
+    while not client.queue()["queue_running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(4.0)  # past text encode and model load, into the steps
+    client.interrupt()
+    t = time.monotonic()
+    entry = client.wait(reply["prompt_id"], timeout=60)
+    assert time.monotonic() - t < 10, "the sampler did not stop between steps"
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in kinds, kinds
+    _good_job_runs(server)
