@@ -58,7 +58,10 @@ def encode_prompts(ckpt: Checkpoint, prompts: list[str]) -> list[torch.Tensor]:
 
 
 def check_size(width: int, height: int, frames: int, unit: int = 16):
-    """True or a message: Wan needs 4n+1 frames and sizes in multiples of ``unit``."""
+    """True or a message: Wan needs 4n+1 frames and sizes in multiples of ``unit``. A value
+    that comes over a link is None at validation time; the node checks it again when it runs."""
+    if None in (width, height, frames):
+        return True
     problems = []
     if (frames - 1) % 4:
         lo = (frames - 1) // 4 * 4 + 1

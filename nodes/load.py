@@ -60,7 +60,10 @@ class VAEHandle:
 
 
 def _check_file(kind: str, family: str, file: str):
-    """VALIDATE_INPUTS body shared by the loaders: True, or a message naming the problem."""
+    """VALIDATE_INPUTS body shared by the loaders: True, or a message naming the problem
+    (None: the name comes over a link, checked when the node runs)."""
+    if file is None:
+        return True
     if file not in comfy.list_models(kind):
         return f"{file}: not found in the ComfyUI {kind} folder"
     try:

@@ -100,6 +100,9 @@ def test_size_validation_messages():
     assert "4n+1" in encode.WanFitEmptyEmbeds.VALIDATE_INPUTS(width=832, height=480, frames=80)
     assert "multiples of 16" in encode.WanFitImageToVideoEncode.VALIDATE_INPUTS(width=840, height=480, frames=81)
     assert "multiples of 32" in encode.check_size(48, 32, 5, unit=32)
+    assert encode.WanFitEmptyEmbeds.VALIDATE_INPUTS(width=None, height=480, frames=81) is True  # linked
+    with pytest.raises(ValueError, match="4n\\+1"):
+        encode.WanFitEmptyEmbeds().embeds(32, 32, 6)
 
 
 def test_loader_options_and_file_validation(models, tmp_path):
