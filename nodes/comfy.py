@@ -72,3 +72,36 @@ def progress_bar(total: int):
     import comfy.utils
 
     return comfy.utils.ProgressBar(total)
+
+
+PREVIEW_MAX_RESOLUTION = 512  # what ComfyUI's own previewers send with each image
+
+
+def previews_enabled() -> bool:
+    """True when ComfyUI was started with previews on (``--preview-method`` other than none)."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:
+        return False
+    method = getattr(args, "preview_method", None)
+    return method is not None and str(getattr(method, "value", method)).lower() not in ("none", "nopreviews")
+
+
+def latent_previewer():
+    """A function x0 -> the preview tuple ComfyUI's progress bar sends (("JPEG", PIL image,
+    max size)), using Wan latent-to-RGB factors on the middle latent frame; None when
+    previews are off. Decided once per sampler run."""
+    if not previews_enabled():
+        return None
+    from PIL import Image
+
+    from ..wan.preview import latent_to_rgb
+
+    def preview(x0):
+        try:
+            image = Image.fromarray(latent_to_rgb(x0).numpy())
+        except ValueError:
+            return None  # not a Wan latent layout: no preview rather than a failed job
+        return ("JPEG", image, PREVIEW_MAX_RESOLUTION)
+
+    return preview

@@ -119,13 +119,20 @@ def ti2v_denoiser(model, positive: Conditioning, negative: Conditioning, cfg: fl
 
 
 class _Progress:
-    """ComfyUI progress bar per step; Cancel raises between steps."""
+    """ComfyUI progress bar per step, with a latent-to-RGB preview of x0 when ComfyUI's
+    previews are on; Cancel raises between steps."""
 
     def __init__(self, total: int, offset: int):
         self.bar, self.total, self.offset = comfy.progress_bar(total), total, offset
+        self.preview = comfy.latent_previewer()
 
     def __call__(self, step: int, steps: int, x, x0) -> None:
-        self.bar.update_absolute(step - self.offset + 1, self.total)
+        value = step - self.offset + 1
+        image = self.preview(x0) if self.preview is not None and x0 is not None else None
+        if image is None:
+            self.bar.update_absolute(value, self.total)
+        else:
+            self.bar.update_absolute(value, self.total, image)
         comfy.throw_if_interrupted()
 
 
