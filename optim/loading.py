@@ -27,6 +27,9 @@ from . import fp8
 WEIGHT_FORMATS = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_e5m2")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+Placement = torch.device | str | Callable[[str], torch.device | str]
+"""One device for every tensor, or ``name -> device`` (e.g. resident blocks on the GPU,
+swapped blocks on the host) so each tensor goes straight where it will live."""
 
 
 class LazyStateDict(Mapping):
@@ -94,7 +97,7 @@ def _set_submodule(module: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def stream_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], info: Mapping[str, torch.dtype],
-                   dtype: torch.dtype, device: torch.device | str, source: str,
+                   dtype: torch.dtype, device: Placement, source: str,
                    fp8_target: torch.dtype | None = None, fp8_scaled: bool = True,
                    fp8_predicate: Callable[[str, tuple], bool] = fp8.should_quantize) -> nn.Module:
     """Fill a meta-device ``module`` from ``tensors`` one tensor at a time.
@@ -103,8 +106,9 @@ def stream_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], info:
     ``fp8_predicate`` become ``FP8Linear``: kept as stored when the file is fp8 of the wanted
     format, else quantised to ``fp8_target`` (per-tensor scale, or scale 1 when
     ``fp8_scaled`` is False). Every other tensor is dequantised / cast to ``dtype``.
-    ``source`` names the file in errors.
+    ``device`` may map each tensor name to its device. ``source`` names the file in errors.
     """
+    place = device if callable(device) else (lambda name: device)
     fp8_layers = _convert_fp8_layers(module, info, fp8_predicate, fp8_target, dtype)
     names = list(module.state_dict(keep_vars=True))
     missing = [n for n in names if n not in tensors and not n.endswith(_SCALE_SUFFIXES)]
@@ -117,13 +121,14 @@ def stream_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], info:
             continue  # set together with the weight
         value = tensors[name]
         if owner in fp8_layers and attr == "weight":
-            _load_fp8_weight(module.get_submodule(owner), value, tensors, owner, fp8_target, fp8_scaled, device)
+            _load_fp8_weight(module.get_submodule(owner), value, tensors, owner, fp8_target, fp8_scaled,
+                             place(name))
             continue
         if fp8.is_fp8(value.dtype):
             value = fp8.dequantize(value, tensors.get(f"{owner}.scale_weight", 1.0), dtype)
         elif value.is_floating_point():
             value = value.to(dtype)
-        _set_tensor(module, name, value.to(device))
+        _set_tensor(module, name, value.to(place(name)))
     leftovers = [n for n, t in module.state_dict(keep_vars=True).items() if t is not None and t.is_meta]
     if leftovers:
         raise CheckpointError(f"{source}: tensors left unloaded: {', '.join(leftovers[:3])}")
@@ -160,7 +165,7 @@ def _fp8_plan(weight_format: str) -> tuple[torch.dtype | None, bool]:
 
 
 def load_dit(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, weight_format: str = "auto",
-             device: torch.device | str = "cpu", attention: str = "auto") -> WanModel:
+             device: Placement = "cpu", attention: str = "auto") -> WanModel:
     """Build the Wan DiT in ``ckpt``: shapes detected from the header, weights streamed.
 
     ``weight_format``: "auto" keeps fp8 block weights as stored and casts the rest to
