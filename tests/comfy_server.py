@@ -7,12 +7,14 @@ paths YAML, and a torchvision stand-in on its PYTHONPATH (no CPU torchvision exi
 """
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -93,6 +95,20 @@ class ComfyClient:
             raise RuntimeError(f"/view {filename} -> {status}")
         return body
 
+    def upload_image(self, name: str, png: bytes) -> dict:
+        """POST /upload/image (multipart, overwrite), as the editor's upload button does."""
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + png + (
+                f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
+                f"--{boundary}--\r\n").encode()
+        req = urllib.request.Request(self.base_url + "/upload/image", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"/upload/image {name} -> {resp.status}")
+            return json.loads(resp.read() or b"{}")
+
     def wait(self, prompt_id: str, timeout: float = 300.0, on_poll=None) -> dict:
         """Poll /history until the prompt has finished (success or error)."""
         deadline = time.monotonic() + timeout
@@ -124,6 +140,9 @@ class ComfyServer:
     work_dir: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    extra_args: tuple[str, ...] = ()  # more ComfyUI flags, e.g. ("--preview-method", "latent2rgb")
+    cpu: bool = True  # --cpu (this machine has no GPU); False lets ComfyUI pick its device
+    stubs: bool = True  # the torchvision stand-in on PYTHONPATH (only where torchvision is unusable)
 
     @property
     def url(self) -> str:
@@ -168,11 +187,13 @@ class ComfyServer:
         self.output_dir.mkdir(exist_ok=True)
         root = self._prepare()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STUBS), env.get("PYTHONPATH")]))
+        if self.stubs:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STUBS), env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+               "--port", str(self.port),
                "--extra-model-paths-config", str(self.work_dir / "extra_model_paths.yaml"),
-               "--output-directory", str(self.output_dir), "--disable-auto-launch"]
+               "--output-directory", str(self.output_dir), "--disable-auto-launch", *self.extra_args]
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -201,3 +222,102 @@ class ComfyServer:
 
     def client(self) -> ComfyClient:
         return ComfyClient(self.url)
+
+    def peak_memory_bytes(self) -> int | None:
+        """The server process's peak resident set (VmHWM, Linux); None when unknown/exited."""
+        if self.process is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+
+class EventStream:
+    """ComfyUI's /ws events for one client id, with the standard library only: the opening
+    handshake, then frames (the server's are unmasked; the pong we send is masked).
+    ``receive`` gives ("json", dict), ("binary", bytes) or None when nothing came in time."""
+
+    def __init__(self, base_url: str, client_id: str, timeout: float = 10.0):
+        url = urllib.parse.urlparse(base_url)
+        self.sock = socket.create_connection((url.hostname, url.port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {url.hostname}:{url.port}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        if b" 101 " not in head.split(b"\r\n", 1)[0] + b" ":
+            raise ConnectionError(f"websocket handshake refused: {head[:200]!r}")
+        self._parts: list[bytes] = []
+        self._opcode = 0
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("websocket closed by the server")
+        self.buf += data
+
+    def _frame(self):
+        """(fin, opcode, payload) when a whole frame is buffered, else None; consumes it."""
+        buf = self.buf
+        if len(buf) < 2:
+            return None
+        n, i = buf[1] & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                return None
+            n, i = struct.unpack(">H", buf[2:4])[0], 4
+        elif n == 127:
+            if len(buf) < 10:
+                return None
+            n, i = struct.unpack(">Q", buf[2:10])[0], 10
+        mask = None
+        if buf[1] & 0x80:
+            mask, i = buf[i:i + 4], i + 4
+        if len(buf) < i + n:
+            return None
+        payload = buf[i:i + n]
+        if mask:
+            payload = bytes(b ^ mask[k % 4] for k, b in enumerate(payload))
+        self.buf = buf[i + n:]
+        return bool(buf[0] & 0x80), buf[0] & 0x0F, payload
+
+    def receive(self, timeout: float = 1.0):
+        self.sock.settimeout(timeout)
+        while True:
+            frame = self._frame()
+            if frame is None:
+                try:
+                    self._fill()
+                except (socket.timeout, TimeoutError):
+                    return None
+                continue
+            fin, opcode, payload = frame
+            if opcode == 9:  # ping -> pong, masked as a client must
+                mask = os.urandom(4)
+                body = bytes(b ^ mask[k % 4] for k, b in enumerate(payload[:125]))
+                self.sock.sendall(bytes([0x8A, 0x80 | len(body)]) + mask + body)
+                continue
+            if opcode == 8:
+                raise ConnectionError("websocket closed by the server")
+            if opcode in (1, 2):
+                self._opcode, self._parts = opcode, []
+            elif opcode != 0:
+                continue  # pong or reserved
+            self._parts.append(payload)
+            if not fin:
+                continue
+            data = b"".join(self._parts)
+            return ("json", json.loads(data)) if self._opcode == 1 else ("binary", data)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

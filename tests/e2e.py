@@ -2,13 +2,10 @@
 server's model folders (before it lists them), the start image uploaded, small job sizes."""
 from __future__ import annotations
 
-import copy
 import io
 import json
 import shutil
 import sys
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
@@ -36,20 +33,12 @@ def wan_models(comfy_models_dir):
 
 
 def upload_image(server, name: str = START_IMAGE, size=(72, 56)) -> None:
-    """POST /upload/image (multipart), as the editor's upload button does."""
+    """A plain start image, uploaded as the editor's upload button does."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 120, 40)).save(buf, format="PNG")
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + buf.getvalue() + (
-            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n"
-            f"--{boundary}--\r\n").encode()
-    req = urllib.request.Request(server.url + "/upload/image", data=body,
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        assert resp.status == 200
+    server.client().upload_image(name, buf.getvalue())
 
 
 def api_workflow(name: str) -> dict:
@@ -58,21 +47,7 @@ def api_workflow(name: str) -> dict:
 
 def small(prompt: dict, size: int = 64, steps: int = 2) -> dict:
     """The same graph at a test size: ``size`` pixels square, a few steps; frames kept."""
-    prompt = copy.deepcopy(prompt)
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] in ("WanFitEmptyEmbeds", "WanFitImageToVideoEncode"):
-            inputs["width"] = inputs["height"] = size
-        elif node["class_type"] == "WanFitSampler":
-            full = inputs["steps"]
-            inputs["steps"] = steps
-            for key in ("start_step", "end_step"):
-                if inputs[key] < full:
-                    inputs[key] = inputs[key] * steps // full
-        elif node["class_type"] == "WanFitTwoPassSampler":
-            inputs["steps"] = steps + 1
-            inputs["switch_step"] = 1
-    return prompt
+    return build.resize(prompt, width=size, height=size, steps=steps)
 
 
 def node_of(prompt: dict, class_type: str) -> str:

@@ -205,6 +205,35 @@ GRAPHS = {
 }
 
 
+SIZE_NODES = ("WanFitEmptyEmbeds", "WanFitImageToVideoEncode")
+
+
+def resize(prompt: dict, width: int | None = None, height: int | None = None, steps: int | None = None,
+           frames: int | None = None) -> dict:
+    """A copy of an API-format graph at another size: video width/height/frames on the embeds
+    nodes, and ``steps`` per schedule with each Sampler's start/end step scaled in proportion
+    (a chained pair keeps its split); the Two-Pass Sampler switches after its first step.
+    None keeps the graph's value. Used by the tests and ``make demo`` to run the shipped
+    graphs small on a CPU."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] in SIZE_NODES:
+            for key, value in (("width", width), ("height", height), ("frames", frames)):
+                if value is not None:
+                    inputs[key] = value
+        elif steps is not None and node["class_type"] == "WanFitSampler":
+            full = inputs["steps"]
+            inputs["steps"] = steps
+            for key in ("start_step", "end_step"):
+                if inputs[key] < full:
+                    inputs[key] = inputs[key] * steps // full
+        elif steps is not None and node["class_type"] == "WanFitTwoPassSampler":
+            inputs["steps"] = steps + 1
+            inputs["switch_step"] = 1
+    return prompt
+
+
 def main() -> None:
     (HERE / "api").mkdir(exist_ok=True)
     for name, build in GRAPHS.items():
