@@ -68,3 +68,13 @@ def wan22_module(name: str) -> types.ModuleType:
     if hasattr(module, "flash_attention"):
         module.flash_attention = _sdpa_flash_attention
     return module
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, what: str, tol: float = 1e-5) -> float:
+    """Assert max |out - ref| <= tol x the reference's largest magnitude (at least 1); print
+    and return the error, so each parity test states what it measured."""
+    err = (out - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    print(f"{what}: max abs err {err:.3e} (scale {scale:.2f})")
+    assert err <= tol * scale, f"{what}: max abs err {err:.3e}"
+    return err

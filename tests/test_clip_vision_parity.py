@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference import check
 from wanfit.wan.clip_vision import (CLIP_MEAN, CLIP_STD, VIT_H_14, ClipVisionConfig, ClipVisionEncoder,
                                     convert_clip_vision_state_dict, detect_clip_vision_config, preprocess)
 
@@ -19,15 +20,6 @@ transformers = pytest.importorskip("transformers")
 # 2 heads of 64: the head count is not in the shapes, detection takes it from the width.
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
             image_size=56, patch_size=14)
-TOL = 1e-5  # relative to the reference's largest magnitude
-
-
-def check(out: torch.Tensor, ref: torch.Tensor, what: str) -> float:
-    err = (out - ref).abs().max().item()
-    scale = max(1.0, ref.abs().max().item())
-    print(f"{what}: max abs err {err:.3e} (scale {scale:.2f})")
-    assert err <= TOL * scale, f"{what}: max abs err {err:.3e}"
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -20,21 +20,12 @@ from wanfit.wan.t5 import (TEXT_LEN, UMT5_XXL, UMT5Config, UMT5Encoder, convert_
                            detect_t5_config, relative_position_bucket, t5_key_map)
 from wanfit.wan.tokenizer import load_tokenizer, tokenizer_from_bytes
 
-from reference import wan22_module
+from reference import check, wan22_module
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
 TINY = dict(d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64)
-TOL = 1e-5  # relative to the reference's largest magnitude
-
-
-def check(out: torch.Tensor, ref: torch.Tensor, what: str) -> float:
-    err = (out - ref).abs().max().item()
-    scale = max(1.0, ref.abs().max().item())
-    print(f"{what}: max abs err {err:.3e} (scale {scale:.2f})")
-    assert err <= TOL * scale, f"{what}: max abs err {err:.3e}"
-    return err
 
 
 # --- tokenizer fixtures -----------------------------------------------------------------
