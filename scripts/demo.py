@@ -16,7 +16,6 @@ saved. out/report.json has the timings, the server's peak host memory, the outpu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -78,7 +77,7 @@ def model_files(prompt: dict) -> list[str]:
 
 def planner_plan(prompt: dict):
     """The memory planner's plan for this graph, when optim/planner.py offers one."""
-    if importlib.util.find_spec("wanfit.optim.planner") is None and not (ROOT / "optim" / "planner.py").exists():
+    if not (ROOT / "optim" / "planner.py").exists():
         return None, "optim/planner.py does not exist yet"
     try:
         from pack import register
