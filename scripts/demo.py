@@ -19,7 +19,9 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -277,9 +279,11 @@ def main(argv=None) -> int:
         stubs = False
     except Exception:  # noqa: BLE001 - absent or broken (the CPU torch here has none)
         stubs = True
-    server = ComfyServer(comfy_dir, ROOT, models, out / "comfyui", cpu=not cuda, stubs=stubs,
+    # The server's work folder (a ComfyUI copy, its outputs) is temporary; its log is kept in out/.
+    work = Path(tempfile.mkdtemp(prefix="wanfit-demo-"))
+    server = ComfyServer(comfy_dir, ROOT, models, work, cpu=not cuda, stubs=stubs,
                          extra_args=() if args.no_previews else ("--preview-method", "latent2rgb"))
-    print(f"ComfyUI: {comfy_dir} ({'GPU' if cuda else 'CPU'}), log {server.log_path}", flush=True)
+    print(f"ComfyUI: {comfy_dir} ({'GPU' if cuda else 'CPU'}), log {out / 'comfyui.log'}", flush=True)
     report: dict = {"workflow": args.workflow, "models": "real" if real else "tiny", "models_dir": str(models),
                     "comfyui_dir": str(comfy_dir), "device": "cuda" if cuda else "cpu",
                     "overrides": overrides, "video": {}, "timings": timings}
@@ -312,10 +316,12 @@ def main(argv=None) -> int:
     finally:
         report.setdefault("peak_host_memory_mb", _mb(server.peak_memory_bytes()))
         server.stop()
+        (out / "comfyui.log").write_text(server.log())
+        shutil.rmtree(work, ignore_errors=True)
     if failure:
         report["error"] = failure
         (out / "report.json").write_text(json.dumps(report, indent=2))
-        print(f"\nDEMO FAILED: {failure}\n--- ComfyUI log (tail) ---\n{server.log()[-LOG_TAIL:]}", file=sys.stderr)
+        print(f"\nDEMO FAILED: {failure}\n--- ComfyUI log (tail) ---\n{(out / 'comfyui.log').read_text()[-LOG_TAIL:]}", file=sys.stderr)
         return 1
 
     report["video"] = _video_facts(report["outputs"])
