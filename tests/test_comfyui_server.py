@@ -28,3 +28,17 @@ def test_every_node_has_a_description():
     for name, cls in NODE_CLASS_MAPPINGS.items():
         assert (cls.__doc__ or "").strip(), f"{name} has no docstring"
         assert cls.DESCRIPTION == " ".join(cls.__doc__.split()), name
+
+
+def test_widgets_carry_tooltips(comfy_server):
+    """Every widget input of every node has a tooltip (shown by current ComfyUI; the 2024
+    one passes the option through /object_info unchanged)."""
+    info = comfy_server.client().object_info()
+    missing = []
+    for name in NODE_CLASS_MAPPINGS:
+        for section in ("required", "optional"):
+            for key, spec in info[name]["input"].get(section, {}).items():
+                widget = isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")
+                if widget and not (len(spec) > 1 and spec[1].get("tooltip")):
+                    missing.append(f"{name}.{key}")
+    assert not missing, missing
