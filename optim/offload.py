@@ -38,12 +38,12 @@ from torch import Tensor, nn
 _ALIGN = 256  # bytes; every view starts aligned for vectorised kernels and fp8 matmul (16 B)
 
 
-def _state_tensors(module: nn.Module) -> list[Tensor]:
+def state_tensors(module: nn.Module) -> list[Tensor]:
     """Parameters then buffers, each once: what must be on the device for ``forward``."""
     return [*module.parameters(), *module.buffers()]
 
 
-class _Layout:
+class BlockLayout:
     """Byte offsets of a block's tensors packed into one flat uint8 buffer."""
 
     def __init__(self, tensors: Sequence[Tensor]):
@@ -336,16 +336,16 @@ class BlockSwapper:
         self.backend = b = _backend(device)
         self.blocks = list(blocks)
         self._resident, self._swapped = self.blocks[:resident], self.blocks[resident:]
-        self._tensors = [_state_tensors(m) for m in self.blocks]
+        self._tensors = [state_tensors(m) for m in self.blocks]
         m = len(self._swapped)
         self.slots = min(prefetch + 1, m)
         self.stats = SwapStats(resident=resident, swapped=m, slots=self.slots)
         self._resident_buffers = [self._place_resident(i) for i in range(resident)]
         b.synchronize()
 
-        self._layout = _Layout(self._tensors[resident]) if m else _Layout([])
+        self._layout = BlockLayout(self._tensors[resident]) if m else BlockLayout([])
         for i in range(resident + 1, len(self.blocks)):
-            if _Layout(self._tensors[i]).meta != self._layout.meta:
+            if BlockLayout(self._tensors[i]).meta != self._layout.meta:
                 raise ValueError(f"block {i} differs in layout from block {resident}")
         nbytes = self._layout.nbytes
         self._host = [list(self._tensors[i]) for i in range(resident, len(blocks))]
@@ -389,7 +389,7 @@ class BlockSwapper:
 
     def _place_resident(self, i: int) -> Tensor:
         """Copy block ``i`` into a device buffer of its own, for good."""
-        layout = _Layout(self._tensors[i])
+        layout = BlockLayout(self._tensors[i])
         buf = self.backend.empty(layout.nbytes)
         for t, v in zip(self._tensors[i], layout.views(buf)):
             self.backend.h2d(v, t.detach(), i)
@@ -445,6 +445,23 @@ class BlockSwapper:
         On an exception (a failing block, ComfyUI's Cancel) every block is back on its host
         tensors and no copy is in flight when it propagates, so the next call starts clean.
         """
+        held = [x]
+        del x
+        self._run(held, kwargs)
+        return held[0]
+
+    def run_blocks(self, state: Any) -> Any:
+        """Run the blocks on a model state (``wan.model.WanState``): ``state.x`` through every
+        block with ``state.block_kwargs``; returns ``state``. Only ``state`` holds the tokens,
+        so each block's input is freed as its output replaces it (a caller's local would
+        keep the embedding output alive through the whole stack: 2·B·L·dim bytes)."""
+        held, state.x = [state.x], None
+        self._run(held, state.block_kwargs)
+        state.x = held[0]
+        return state
+
+    def _run(self, held: list[Tensor], kwargs: dict) -> None:
+        """The schedule; ``held[0]`` is the running activation, replaced block by block."""
         if self._closed:
             raise RuntimeError("BlockSwapper is closed")
         b, n_slots, m = self.backend, self.slots, len(self._swapped)
@@ -454,7 +471,7 @@ class BlockSwapper:
             issued = n_slots
             self.stats.peak_slots = max(self.stats.peak_slots, issued)
             for block in self._resident:
-                x = block(x, **kwargs)
+                held[0] = block(held[0], **kwargs)
             for k, block in enumerate(self._swapped):
                 s = k % n_slots
                 b.compute_waits(self._loaded[s])
@@ -462,7 +479,7 @@ class BlockSwapper:
                 for t, v in zip(tensors, self._slot_views[s]):
                     t.data = v
                 try:
-                    x = block(x, **kwargs)
+                    held[0] = block(held[0], **kwargs)
                 finally:
                     for t, h in zip(tensors, self._host[k]):
                         t.data = h
@@ -475,13 +492,6 @@ class BlockSwapper:
             b.synchronize()  # no copy or kernel may still touch a slot the next call reuses
             raise
         self.stats.forwards += 1
-        return x
-
-    def run_blocks(self, state: Any) -> Any:
-        """Run the blocks on a model state (``wan.model.WanState``): ``state.x`` through every
-        block with ``state.block_kwargs``; returns ``state``."""
-        state.x = self.forward(state.x, **state.block_kwargs)
-        return state
 
     def telemetry(self) -> SwapStats:
         """Current :class:`SwapStats`, with the compute-wait time collected from the device."""
@@ -522,8 +532,8 @@ class OnCallOffload:
     def __init__(self, module: nn.Module, device: torch.device | str | Backend,
                  pin_memory: bool = True):
         self.backend = _backend(device)
-        self._tensors = _state_tensors(module)
-        layout = _Layout(self._tensors)
+        self._tensors = state_tensors(module)
+        layout = BlockLayout(self._tensors)
         self._pinned = self.backend.pinned(layout.nbytes) if pin_memory else None
         if self._pinned is None:
             self._host = [t.detach().to("cpu") for t in self._tensors]

@@ -8,6 +8,7 @@ buffers start as 0xFF, NaN in float). Output equality in both modes is the race 
 from __future__ import annotations
 
 import gc
+import types
 
 import pytest
 import torch
@@ -338,3 +339,26 @@ def test_cuda_prefetch_hides_transfers():
                 waited[prefetch] = s.telemetry().wait_s - before
     assert waited[0] > 0
     assert waited[1] < 0.3 * waited[0], waited
+
+
+def test_run_blocks_frees_each_input():
+    """Only the state holds the activation: once a block returns, its input is gone (the
+    planner assumes one live input per block, as WanModel.forward has)."""
+    import weakref
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4))
+            self.alive_inputs = []
+
+        def forward(self, x, refs):
+            refs.append(weakref.ref(x))
+            self.alive_inputs.append(sum(r() is not None for r in refs[:-1]))
+            return x * self.w
+
+    blocks = [Probe() for _ in range(4)]
+    state = types.SimpleNamespace(x=torch.ones(4), block_kwargs={"refs": []})
+    with BlockSwapper(blocks, RecordingBackend(), resident=1, prefetch=1) as swapper, torch.no_grad():
+        swapper.run_blocks(state)
+    assert [b.alive_inputs[0] for b in blocks] == [0, 0, 0, 0]
