@@ -189,7 +189,7 @@ def load_dit(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, weight_forma
                               fp8_target=target, fp8_scaled=scaled, fp8_predicate=predicate)
 
 
-def _t5_block_linear(key: str, shape: tuple) -> bool:
+def t5_block_linear(key: str, shape: tuple) -> bool:
     return key.startswith("blocks.") and len(shape) == 2 and ".pos_embedding." not in key
 
 
@@ -206,7 +206,7 @@ def load_text_encoder(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16,
         model = UMT5Encoder(config)
     info = {new: ckpt.tensors[old].dtype for old, new in names.items()}
     with open_lazy(ckpt, t5_key_map) as tensors:
-        model = stream_weights(model, tensors, info, dtype, device, ckpt.name, fp8_predicate=_t5_block_linear)
+        model = stream_weights(model, tensors, info, dtype, device, ckpt.name, fp8_predicate=t5_block_linear)
     return model, tokenizer
 
 

@@ -1,0 +1,81 @@
+"""Memory plans for Wan 2.2 I2V-A14B on common cards, computed on the meta device (no GPU, seconds).
+
+Cases: 832x480 with fp8 weights at 61, 81 and 121 frames on a 32 GB card, bf16 at 81 frames
+on 32 GB, fp8 at 81 frames on 24, 16, 12 and 8 GB cards, and 1280x720 81 frames on 32 GB.
+A card's budget is its nominal size (N GiB) less ``--reserve`` (CUDA context, cuBLAS,
+desktop, allocator slack). CFG is left to the planner: cond and uncond batched (2x) unless
+one after the other keeps more blocks resident. Flash-class SDPA and fp8 matmul (RTX 40 /
+50) are assumed unless told otherwise.
+
+Prints each plan's explanation, a table, and as the last line one JSON object holding every
+plan (``{"plans": [...]}``).
+
+    python bench/memory_plan.py [--reserve 1.5] [--host-ram 64] [--attention sdpa] [--no-fp8-matmul]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "Wan2.2 I2V-A14B expert"
+FP8 = "fp8_e4m3fn_scaled"
+CASES = [  # (card GiB, frames, width, height, weights)
+    (32, 61, 832, 480, FP8), (32, 81, 832, 480, FP8), (32, 121, 832, 480, FP8), (32, 81, 832, 480, "bf16"),
+    (24, 81, 832, 480, FP8), (16, 81, 832, 480, FP8), (12, 81, 832, 480, FP8), (8, 81, 832, 480, FP8),
+    (32, 81, 1280, 720, FP8),
+]
+
+
+def _import_planner():
+    """Register the repository as the package ``wanfit``, as the tests do."""
+    if "wanfit" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("wanfit", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["wanfit"] = module
+        spec.loader.exec_module(module)
+    from wanfit.optim import planner
+    return planner
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reserve", type=float, default=1.5, help="GiB held back from each card")
+    parser.add_argument("--host-ram", type=float, default=64, help="GiB of host RAM available")
+    parser.add_argument("--attention", default="sdpa", help="sdpa, flash_attn, sageattention or math")
+    parser.add_argument("--no-fp8-matmul", action="store_true", help="GPU without fp8 GEMMs (before RTX 40)")
+    args = parser.parse_args()
+    planner = _import_planner()
+    gib = planner.GIB
+    plans, rows = [], []
+    for card, frames, width, height, weights in CASES:
+        try:
+            plan = planner.plan_memory(MODEL, frames=frames, width=width, height=height, weights=weights,
+                                       budget="auto", total=card * gib, reserve=int(args.reserve * gib),
+                                       host_ram=int(args.host_ram * gib), attention=args.attention,
+                                       fp8_matmul=not args.no_fp8_matmul)
+        except planner.PlanError as err:
+            print(f"[{card} GB, {frames} frames {width}x{height}, {weights}] {err}\n")
+            plans.append({"card_gib": card, "frames": frames, "width": width, "height": height,
+                          "weights": weights, "error": str(err), "min_budget": err.min_budget})
+            continue
+        print(f"[{card} GB card] {plan.explain()}\n")
+        plans.append({"card_gib": card, **plan.to_dict()})
+        cfg = "batched" if plan.batch == 2 else "sequential" if plan.passes == 2 else "single"
+        rows.append((f"{card} GB", f"{frames}f {width}x{height}", weights, f"{plan.budget / gib:.1f}",
+                     f"{plan.resident}/{plan.swapped}/{plan.prefetch}", cfg, f"{plan.activations.peak / gib:.1f}",
+                     f"{plan.sampling_vram / gib:.1f}", f"{plan.peak_vram / gib:.1f}", f"{plan.peak_host / gib:.1f}"))
+    header = ("card", "job", "weights", "budget", "res/swap/pf", "cfg", "act", "sampling", "peak VRAM", "peak host")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print("(GiB; res/swap/pf: resident blocks / swapped blocks / prefetch depth)")
+    print(json.dumps({"model": MODEL, "reserve_gib": args.reserve, "plans": plans}))
+
+
+if __name__ == "__main__":
+    main()
