@@ -8,7 +8,7 @@ import gc
 import torch
 
 from ..optim import loading
-from ..wan.denoise import Conditioning, make_denoiser, run_all_blocks
+from ..wan.denoise import Conditioning, make_denoiser
 from ..wan.sampling import sample, seeded_noise
 from ..wan.schedulers import SOLVERS, boundary_step, flow_sigmas
 from . import comfy
@@ -88,36 +88,6 @@ def _conditioning(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, dt
     return Conditioning(ctx(text.positive), y, ctx(clip)), Conditioning(ctx(text.negative), y, ctx(clip))
 
 
-def ti2v_denoiser(model, positive: Conditioning, negative: Conditioning, cfg: float, first: torch.Tensor):
-    """TI2V-5B with a start image, as official textimage2video.i2v: the first latent frame is the
-    image latent and its tokens see timestep 0, the others the step's. Its velocity is set so the
-    solver's x0 prediction there is the image latent, which keeps that frame fixed."""
-    device = model.patch_embedding.weight.device
-    run = run_all_blocks(model)
-    _, ph, pw = model.config.patch_size
-
-    def forward(x, sigma, step, context):
-        x = x.clone()
-        x[:, :, :1] = first.to(x)
-        b, _, f, h, w = x.shape
-        t = torch.full((b, f, (h // ph) * (w // pw)), sigma * 1000.0, device=device)
-        t[:, 0] = 0.0
-        state = model.embed(x.to(device), t.flatten(1), context.to(device))
-        return model.unembed(run(state, step)).to(x.device)
-
-    def denoise(x, sigma, step):
-        if cfg == 1.0:
-            v = forward(x, sigma, step, positive.context)
-        else:
-            cond, uncond = forward(torch.cat([x, x]), sigma, step,
-                                   torch.cat([positive.context, negative.context])).chunk(2)
-            v = uncond + cfg * (cond - uncond)
-        v[:, :, :1] = (x[:, :, :1] - first.to(x)) / sigma
-        return v
-
-    return denoise
-
-
 class _Progress:
     """ComfyUI progress bar per step, with a latent-to-RGB preview of x0 when ComfyUI's
     previews are on; Cancel raises between steps."""
@@ -145,10 +115,7 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
         model = get_model(handle)
         positive, negative = _conditioning(handle, text, embeds, loading.DTYPES[handle.compute_dtype])
         first = embeds.first_latent
-        if first is None:
-            denoise = make_denoiser(model, positive, negative, cfg)
-        else:
-            denoise = ti2v_denoiser(model, positive, negative, cfg, first)
+        denoise = make_denoiser(model, positive, negative, cfg, first_latent=first)
         with torch.inference_mode():
             result = sample(denoise, latent, sigmas, solver, start_step=start, end_step=end, noise=noise,
                             add_noise=add_noise, return_with_leftover_noise=leftover, solver_state=state,

@@ -43,20 +43,36 @@ def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def make_denoiser(model: WanModel, positive: Conditioning, negative: Conditioning | None, cfg: float,
-                  batch_cfg: bool = True, run_blocks: RunBlocks | None = None) -> Denoise:
+                  batch_cfg: bool = True, run_blocks: RunBlocks | None = None,
+                  first_latent: Tensor | None = None) -> Denoise:
     """``denoise(x, sigma, step) -> velocity`` with guidance ``uncond + cfg * (cond - uncond)``.
 
     The model sees timestep ``sigma * 1000`` (ComfyUI's convention for Wan). cfg 1 or no
-    negative runs the positive prompt only.
+    negative runs the positive prompt only. ``first_latent`` (TI2V-5B image-to-video, as the
+    official textimage2video): the first latent frame is that image latent and its tokens see
+    timestep 0; its velocity is set so the solver's x0 there is the image latent.
     """
     run = run_blocks or run_all_blocks(model)
     device = model.patch_embedding.weight.device
+    _, ph, pw = model.config.patch_size
 
     def forward(x: Tensor, sigma: float, step: int, context: Tensor, y, clip_fea) -> Tensor:
-        t = torch.full((x.shape[0],), sigma * 1000.0, device=device)
+        b, _, f, h, w = x.shape
+        if first_latent is None:
+            t = torch.full((b,), sigma * 1000.0, device=device)
+        else:
+            x = torch.cat([first_latent.to(x).expand(b, -1, 1, -1, -1), x[:, :, 1:]], dim=2)
+            t = torch.full((b, f, (h // ph) * (w // pw)), sigma * 1000.0, device=device)
+            t[:, 0] = 0.0
+            t = t.flatten(1)
         state = model.embed(x.to(device), t, context.to(device),
                             None if clip_fea is None else clip_fea.to(device), None if y is None else y.to(device))
         return model.unembed(run(state, step)).to(x.device)
+
+    def guided(x: Tensor, sigma: float, step: int) -> Tensor:
+        velocity = denoise(x, sigma, step)
+        velocity[:, :, :1] = (x[:, :, :1] - first_latent.to(x)) / sigma
+        return velocity
 
     def denoise(x: Tensor, sigma: float, step: int) -> Tensor:
         p = positive
@@ -73,4 +89,4 @@ def make_denoiser(model: WanModel, positive: Conditioning, negative: Conditionin
                              n.clip_fea if n.clip_fea is not None else p.clip_fea)
         return uncond + cfg * (cond - uncond)
 
-    return denoise
+    return denoise if first_latent is None else guided
