@@ -28,6 +28,7 @@ class ModelHandle:
     weight_format: str = "auto"
     compute_dtype: str = "bf16"
     attention: str = "auto"
+    memory: object | None = None  # MemorySettings from a WanFit Memory node (nodes/memory.py)
 
     @property
     def name(self) -> str:

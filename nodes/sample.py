@@ -4,19 +4,24 @@ is held at a time, so the two experts are never both in memory."""
 from __future__ import annotations
 
 import gc
+import logging
 
 import torch
 
 from ..optim import loading
+from ..optim.engine import PreparedDiT, SwapSettings, prepare_dit
 from ..wan.denoise import Conditioning, make_denoiser
 from ..wan.sampling import sample, seeded_noise
 from ..wan.schedulers import SOLVERS, boundary_step, flow_sigmas
 from . import comfy
 from .load import ModelHandle
+from .memory import JobPlan, plan_job
 from .types import (SCHEDULE_KEY, SOLVER_STATE_KEY, ImageEmbeds, TextEmbeds, from_comfy_latent,
                     to_comfy_latent)
 
+log = logging.getLogger("WanFit")
 CATEGORY = "WanFit/sampling"
+PLAN_KEY = "wanfit_plan"
 MAX_STEPS = 10000
 BOUNDARIES = {"i2v": 0.900, "t2v": 0.875}  # official Wan 2.2 A14B expert switch (sigma)
 
@@ -24,23 +29,33 @@ _LOADED: dict = {"key": None, "model": None}
 
 
 def release_model() -> None:
-    """Drop the held DiT and return its memory."""
+    """Drop the held DiT, its pinned memory and device slots, and return its memory."""
+    if _LOADED["model"] is not None:
+        _LOADED["model"].close()
     _LOADED["key"] = _LOADED["model"] = None
     gc.collect()
     comfy.free_memory_cache()
 
 
-def get_model(handle: ModelHandle):
-    """The DiT for ``handle`` on the compute device; a different one held before is released
-    first, so two experts never share memory."""
-    key = handle.key
+def get_model(handle: ModelHandle, swap: SwapSettings) -> PreparedDiT:
+    """The DiT for ``handle`` on the compute device, swapping as ``swap`` says; a different
+    one held before is released first, so two experts never share memory."""
+    key = (handle.key, swap)
     if _LOADED["key"] != key:
         release_model()
-        model = loading.load_dit(handle.ckpt, dtype=loading.DTYPES[handle.compute_dtype],
-                                 weight_format=handle.weight_format, device=comfy.compute_device(),
-                                 attention=handle.attention)
+        model = prepare_dit(handle.ckpt, comfy.compute_device(), swap, dtype=loading.DTYPES[handle.compute_dtype],
+                            weight_format=handle.weight_format, attention=handle.attention)
         _LOADED.update(key=key, model=model)
     return _LOADED["model"]
+
+
+def _out_of_memory(handle: ModelHandle, job: JobPlan, err: BaseException) -> RuntimeError:
+    swapped = job.swap.blocks_to_swap
+    return RuntimeError(
+        f"out of GPU memory while sampling with {handle.describe()} ({swapped} of "
+        f"{handle.config.num_layers} blocks swapped): lower frames or resolution, raise blocks_to_swap on a "
+        f"WanFit Memory node (now {swapped}), or load the model with weight_dtype fp8_e4m3fn_scaled. "
+        f"Memory was released. ({err})")
 
 
 def check_pairing(handle: ModelHandle, embeds: ImageEmbeds) -> None:
@@ -109,13 +124,17 @@ class _Progress:
 def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent: torch.Tensor,
              sigmas: torch.Tensor, solver: str, cfg: float, start: int, end: int, noise, add_noise: bool,
              leftover: bool, state, callback):
-    """One pass with ``handle``'s model; memory is released if it fails or is cancelled."""
+    """One pass with ``handle``'s model, planned before any weight is read; memory is released
+    if it fails, runs out of memory or is cancelled. Returns the result and the plan."""
     check_pairing(handle, embeds)
+    job = plan_job(handle, embeds, cfg, comfy.compute_device(), handle.memory)
+    log.info("WanFit plan: %s", job.text)
     try:
-        model = get_model(handle)
+        prepared = get_model(handle, job.swap)
         positive, negative = _conditioning(handle, text, embeds, loading.DTYPES[handle.compute_dtype])
         first = embeds.first_latent
-        denoise = make_denoiser(model, positive, negative, cfg, first_latent=first)
+        denoise = make_denoiser(prepared.model, positive, negative, cfg, batch_cfg=job.batch_cfg,
+                                run_blocks=prepared.run_blocks, first_latent=first)
         with torch.inference_mode():
             result = sample(denoise, latent, sigmas, solver, start_step=start, end_step=end, noise=noise,
                             add_noise=add_noise, return_with_leftover_noise=leftover, solver_state=state,
@@ -124,7 +143,10 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
                 left = float(sigmas[min(end, len(sigmas) - 1)]) if leftover else 0.0
                 result.latent = result.latent.clone()
                 result.latent[:, :, :1] = first.to(result.latent) / (1 - left)  # the image frame, exactly
-        return result
+        return result, job
+    except torch.OutOfMemoryError as err:
+        release_model()
+        raise _out_of_memory(handle, job, err) from err
     except BaseException:
         release_model()
         raise
@@ -148,9 +170,10 @@ def _initial(handle: ModelHandle, embeds: ImageEmbeds, latent: dict | None, sche
     return x, state
 
 
-def _output(x: torch.Tensor, state, schedule: dict) -> tuple[dict]:
+def _output(x: torch.Tensor, state, schedule: dict, jobs: list[JobPlan]) -> tuple[dict]:
+    plans = [job.plan.to_dict() if job.plan is not None else {"note": job.text} for job in jobs]
     return ({"samples": to_comfy_latent(x), SOLVER_STATE_KEY: {k: v.cpu() for k, v in state.items()},
-             SCHEDULE_KEY: schedule},)
+             SCHEDULE_KEY: schedule, PLAN_KEY: plans},)
 
 
 _COMMON = {
@@ -193,10 +216,10 @@ class WanFitSampler:
         x, state = _initial(model, image_embeds, latent, schedule)
         sigmas = flow_sigmas(steps, shift)
         noise = seeded_noise(seed, x.shape) if add_noise else None
-        result = run_pass(model, text_embeds, image_embeds, x, sigmas, scheduler, cfg, start_step, end, noise,
-                          add_noise, return_with_leftover_noise, state,
-                          _Progress(max(end - start_step, 1), start_step))
-        return _output(result.latent, result.solver_state, schedule)
+        result, job = run_pass(model, text_embeds, image_embeds, x, sigmas, scheduler, cfg, start_step, end, noise,
+                               add_noise, return_with_leftover_noise, state,
+                               _Progress(max(end - start_step, 1), start_step))
+        return _output(result.latent, result.solver_state, schedule, [job])
 
 
 class WanFitTwoPassSampler:
@@ -237,13 +260,13 @@ class WanFitTwoPassSampler:
         x = torch.zeros(latent_shape(high_noise_model, image_embeds))
         noise = seeded_noise(seed, x.shape)
         progress = _Progress(steps, 0)
-        a = run_pass(high_noise_model, text_embeds, image_embeds, x, sigmas, scheduler, cfg_high, 0, k, noise,
-                     True, True, None, progress)
+        a, job_a = run_pass(high_noise_model, text_embeds, image_embeds, x, sigmas, scheduler, cfg_high, 0, k,
+                            noise, True, True, None, progress)
         add_noise = k == 0  # nothing ran yet: the low expert starts from noise
-        b = run_pass(low_noise_model, text_embeds, image_embeds, a.latent, sigmas, scheduler, cfg_low, k, steps,
-                     noise if add_noise else None, add_noise, False, a.solver_state, progress)
+        b, job_b = run_pass(low_noise_model, text_embeds, image_embeds, a.latent, sigmas, scheduler, cfg_low, k,
+                            steps, noise if add_noise else None, add_noise, False, a.solver_state, progress)
         schedule = dict(steps=steps, shift=shift, scheduler=scheduler, start_step=0, end_step=steps)
-        return _output(b.latent, b.solver_state, schedule)
+        return _output(b.latent, b.solver_state, schedule, [job_a, job_b])
 
 
 NODES = {cls.__name__: cls for cls in (WanFitSampler, WanFitTwoPassSampler)}

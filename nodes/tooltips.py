@@ -37,6 +37,12 @@ TOOLTIPS = {
     "switch_at": "Switch experts at a step number or at the official boundary sigma.",
     "switch_step": "First step the low-noise expert runs (switch_at = step).",
     "boundary": "Sigma below which the low-noise expert runs; 0 = official (0.900 i2v, 0.875 t2v).",
+    "budget_gb": "VRAM the job may use, in GB; 0 = auto: free VRAM now less the reserve.",
+    "reserve_gb": "VRAM auto leaves free (CUDA context, other apps).",
+    "blocks_to_swap": "DiT blocks kept in host RAM and streamed in each step; -1 = the fewest that fit.",
+    "prefetch": "Swapped blocks copied ahead while earlier blocks compute (1 hides the copies; 0 = synchronous).",
+    "pin_memory": "Keep swapped blocks in pinned host RAM so copies run asynchronously.",
+    "offload_embeddings": "Keep the text / image embedding layers in host RAM; they visit the GPU for their call.",
 }
 
 

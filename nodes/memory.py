@@ -1,0 +1,133 @@
+"""The memory node, and the plan every sampling pass makes before it loads a weight.
+
+Without a Memory node the sampler plans with the defaults (``auto`` budget: free VRAM less
+a reserve). The plan decides how many blocks swap, the prefetch depth and whether cond and
+uncond run batched; it is logged in words with every job and travels in the LATENT.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ..optim import fp8, planner
+from ..optim.engine import SwapSettings
+from ..wan.attention import available_backends
+from . import comfy
+from .load import ModelHandle
+from .types import ImageEmbeds
+
+log = logging.getLogger("WanFit")
+CATEGORY = "WanFit/memory"
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """What the user set on the Memory node; 0 / -1 mean "let the plan decide"."""
+
+    budget_gb: float = 0.0
+    reserve_gb: float = 1.5
+    blocks_to_swap: int = -1
+    prefetch: int = 1
+    pin_memory: bool = True
+    offload_embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What a sampling pass runs with; ``plan`` is None where there is no VRAM to plan (CPU)."""
+
+    plan: planner.MemoryPlan | None
+    swap: SwapSettings
+    batch_cfg: bool
+    text: str
+
+
+def storage_format(handle: ModelHandle) -> str:
+    """The weight format the planner should count: the loader's choice, or the file's for auto."""
+    if handle.weight_format != "auto":
+        return handle.weight_format
+    stored = handle.ckpt.tensors["blocks.0.ffn.0.weight"].dtype
+    if fp8.is_fp8(stored):
+        return "fp8_e5m2" if stored == torch.float8_e5m2 else "fp8_e4m3fn_scaled"
+    return handle.compute_dtype  # auto casts non-fp8 weights to the compute dtype
+
+
+def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch.device,
+             settings: MemorySettings | None = None) -> JobPlan:
+    """Plan one pass before loading; raises planner.PlanError (naming the smallest budget that
+    works) when the job cannot fit."""
+    s = settings or MemorySettings()
+    if device.type != "cuda" and s.budget_gb <= 0:
+        text = (f"{handle.describe()}: running on {device.type}, the DiT stays in host memory; "
+                "no VRAM budget to plan (give one on the WanFit Memory node to preview a card's plan).")
+        return JobPlan(None, SwapSettings(0, s.prefetch, s.pin_memory, s.offload_embeddings), True, text)
+    attention = handle.attention if handle.attention != "auto" else available_backends()[0]
+    plan = planner.plan_memory(
+        handle.config, frames=embeds.frames, width=embeds.width, height=embeds.height,
+        budget=int(s.budget_gb * GIB) if s.budget_gb > 0 else "auto", reserve=int(s.reserve_gb * GIB),
+        weights=storage_format(handle), compute_dtype=planner.DTYPES[handle.compute_dtype],
+        guidance=cfg != 1.0, attention=attention, device_type="cuda",
+        fp8_matmul=device.type == "cuda" and fp8.scaled_mm_supported(device), prefetch=s.prefetch)
+    swapped = plan.swapped if s.blocks_to_swap < 0 else min(s.blocks_to_swap, handle.config.num_layers)
+    swap = SwapSettings(swapped if device.type == "cuda" else 0, plan.prefetch, s.pin_memory, s.offload_embeddings)
+    text = plan.explain()
+    if swapped != plan.swapped:
+        text += f" blocks_to_swap is set to {swapped} on the Memory node (the plan chose {plan.swapped})."
+    return JobPlan(plan, swap, plan.batch == 2, text)
+
+
+def plan_image_or_note(job: JobPlan) -> torch.Tensor:
+    """The plan as a picture; a plain note image when there is no plan."""
+    if job.plan is not None:
+        return planner.plan_image(job.plan)
+    from PIL import Image, ImageDraw  # ComfyUI ships Pillow
+
+    image = Image.new("RGB", (960, 120), (32, 32, 32))
+    ImageDraw.Draw(image).multiline_text((12, 12), _wrap(job.text, 150), fill=(230, 230, 230))
+    return torch.from_numpy(np.asarray(image)).float()[None] / 255
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+class WanFitMemory:
+    """Memory plan for a Wan DiT: the VRAM budget (auto = free VRAM less the reserve), how many
+    blocks swap (auto = the fewest that fit), the prefetch depth, pinned memory and whether the
+    text / image embeddings visit the GPU only for their call. Outputs the model with these
+    settings for the sampler, the plan as a picture and in words."""
+
+    DISPLAY_NAME = "WanFit Memory"
+    CATEGORY = CATEGORY
+    FUNCTION = "plan"
+    RETURN_TYPES = ("WANFIT_MODEL", "IMAGE", "STRING")
+    RETURN_NAMES = ("model", "plan_image", "plan")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("WANFIT_MODEL",),
+            "image_embeds": ("WANFIT_IMAGE_EMBEDS",),
+            "budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5}),
+            "reserve_gb": ("FLOAT", {"default": 1.5, "min": 0.0, "max": 64.0, "step": 0.25}),
+            "blocks_to_swap": ("INT", {"default": -1, "min": -1, "max": 64}),
+            "prefetch": ("INT", {"default": 1, "min": 0, "max": 8}),
+            "pin_memory": ("BOOLEAN", {"default": True}),
+            "offload_embeddings": ("BOOLEAN", {"default": False}),
+        }}
+
+    def plan(self, model: ModelHandle, image_embeds: ImageEmbeds, budget_gb: float, reserve_gb: float,
+             blocks_to_swap: int, prefetch: int, pin_memory: bool, offload_embeddings: bool):
+        settings = MemorySettings(budget_gb, reserve_gb, blocks_to_swap, prefetch, pin_memory, offload_embeddings)
+        job = plan_job(model, image_embeds, cfg=5.0, device=comfy.compute_device(), settings=settings)
+        log.info("WanFit memory plan: %s", job.text)
+        return replace(model, memory=settings), plan_image_or_note(job), job.text
+
+
+NODES = {"WanFitMemory": WanFitMemory}
