@@ -88,7 +88,7 @@ def plan_image_or_note(job: JobPlan) -> torch.Tensor:
 
     image = Image.new("RGB", (960, 120), (32, 32, 32))
     ImageDraw.Draw(image).multiline_text((12, 12), _wrap(job.text, 150), fill=(230, 230, 230))
-    return torch.from_numpy(np.asarray(image)).float()[None] / 255
+    return torch.from_numpy(np.array(image)).float()[None] / 255
 
 
 def _wrap(text: str, width: int) -> str:
