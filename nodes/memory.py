@@ -125,6 +125,7 @@ class WanFitMemory:
     def plan(self, model: ModelHandle, image_embeds: ImageEmbeds, budget_gb: float, reserve_gb: float,
              blocks_to_swap: int, prefetch: int, pin_memory: bool, offload_embeddings: bool):
         settings = MemorySettings(budget_gb, reserve_gb, blocks_to_swap, prefetch, pin_memory, offload_embeddings)
+        # Planned with CFG on (the costlier case); the sampler plans again with its own cfg.
         job = plan_job(model, image_embeds, cfg=5.0, device=comfy.compute_device(), settings=settings)
         log.info("WanFit memory plan: %s", job.text)
         return replace(model, memory=settings), plan_image_or_note(job), job.text
