@@ -116,3 +116,22 @@ def test_workflow_runs_over_http(name, server):
     with Image.open(path) as webp:
         assert webp.n_frames == FRAMES[name]
         assert webp.size == (32, 32)
+
+
+def test_ui_workflows_are_served_as_templates(comfy_server):
+    """Current ComfyUI lists a pack's workflows/ folder as templates (the 2024 one has no such
+    route: skipped there). Only the UI-format files are listed; workflows/api/ is not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(comfy_server.url + "/workflow_templates", timeout=10) as resp:
+            templates = json.load(resp)
+    except urllib.error.HTTPError as err:
+        pytest.skip(f"this ComfyUI has no /workflow_templates route ({err.code})")
+    assert sorted(templates["ComfyUI-WanFit-under-test"]) == NAMES
+    name = NAMES[0]
+    url = f"{comfy_server.url}/api/workflow_templates/ComfyUI-WanFit-under-test/{name}.json"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        served = json.load(resp)
+    assert {n["type"] for n in served["nodes"]} == {n.type for n in build.GRAPHS[name]()}
