@@ -69,17 +69,28 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_MAX
 
 
-def quantize_weight(w: torch.Tensor, fmt: Fmt = "e4m3fn") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, fmt: Fmt = "e4m3fn", chunk: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise one tensor: ``(w8, scale)`` with ``w ~= w8.float() * scale``.
 
     ``scale = amax(|w|) / fp8_max`` (float32, 0-dim), so the largest element maps to the
-    format's largest finite value; an all-zero tensor gets scale 1.
+    format's largest finite value; an all-zero tensor gets scale 1. ``w`` may be in any
+    float dtype: it is divided in float32 ``chunk`` elements at a time, so the transient
+    memory is one float32 chunk, not a float32 copy of the weight (same bits either way).
     """
-    dtype = fp8_dtype(fmt)
-    w = w.detach().float()
-    amax = w.abs().amax() if w.numel() else w.new_zeros(())
-    scale = torch.where(amax > 0, amax / FP8_MAX[dtype], torch.ones_like(amax))
-    w8 = (w / scale).clamp_(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype)
+    dtype, fmax = fp8_dtype(fmt), FP8_MAX[fp8_dtype(fmt)]
+    w = w.detach()
+    if w.numel():
+        lo, hi = w.aminmax()  # max |w| without an abs() copy
+        amax = torch.maximum(lo.float().abs(), hi.float().abs())
+    else:
+        amax = torch.zeros((), device=w.device)
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    w8 = torch.empty(w.shape, dtype=dtype, device=w.device)
+    src, dst = w.reshape(-1), w8.view(-1)
+    buf = torch.empty(min(chunk, src.numel()), dtype=torch.float32, device=w.device)
+    for i in range(0, src.numel(), chunk):
+        part = buf[:min(chunk, src.numel() - i)].copy_(src[i:i + chunk])
+        dst[i:i + chunk].copy_(part.div_(scale).clamp_(-fmax, fmax))
     return w8, scale
 
 

@@ -21,7 +21,7 @@ from ..wan.model import WanModel
 from ..wan.t5 import UMT5Encoder, detect_t5_config, t5_key_map
 from ..wan.tokenizer import UMT5Tokenizer, load_tokenizer
 from ..wan.vae_common import WanVAE, build_vae, detect_vae_config
-from . import fp8
+from . import fp8, hostmem
 
 # Weight formats a user can ask for; "auto" keeps what the file stores.
 WEIGHT_FORMATS = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_e5m2")
@@ -109,6 +109,7 @@ def stream_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], info:
     ``device`` may map each tensor name to its device. ``source`` names the file in errors.
     """
     place = device if callable(device) else (lambda name: device)
+    hostmem.mmap_large_allocations()  # freed transients go back to the OS, not into heap holes
     fp8_layers = _convert_fp8_layers(module, info, fp8_predicate, fp8_target, dtype)
     names = list(module.state_dict(keep_vars=True))
     missing = [n for n in names if n not in tensors and not n.endswith(_SCALE_SUFFIXES)]
@@ -143,7 +144,7 @@ def _load_fp8_weight(layer: fp8.FP8Linear, value: torch.Tensor, tensors: Mapping
         scale = torch.ones(()) if scale is None else scale.reshape(()).float()
     else:
         w = fp8.dequantize(value, 1.0 if scale is None else scale, torch.float32) if fp8.is_fp8(value.dtype) \
-            else value.float()
+            else value  # quantize_weight upcasts chunk by chunk
         if scaled:
             w8, scale = fp8.quantize_weight(w, target)
         else:  # plain cast, as ComfyUI's weight_dtype fp8: no scale, values past the range clamp
