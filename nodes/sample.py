@@ -10,6 +10,7 @@ import torch
 
 from ..optim import loading
 from ..optim.engine import PreparedDiT, SwapSettings, prepare_dit
+from ..optim.telemetry import Telemetry
 from ..wan.denoise import Conditioning, make_denoiser
 from ..wan.sampling import sample, seeded_noise
 from ..wan.schedulers import SOLVERS, boundary_step, flow_sigmas
@@ -22,6 +23,7 @@ from .types import (SCHEDULE_KEY, SOLVER_STATE_KEY, ImageEmbeds, TextEmbeds, fro
 log = logging.getLogger("WanFit")
 CATEGORY = "WanFit/sampling"
 PLAN_KEY = "wanfit_plan"
+TELEMETRY_KEY = "wanfit_telemetry"
 MAX_STEPS = 10000
 BOUNDARIES = {"i2v": 0.900, "t2v": 0.875}  # official Wan 2.2 A14B expert switch (sigma)
 
@@ -123,22 +125,29 @@ class _Progress:
 
 def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent: torch.Tensor,
              sigmas: torch.Tensor, solver: str, cfg: float, start: int, end: int, noise, add_noise: bool,
-             leftover: bool, state, callback):
+             leftover: bool, state, callback, tel: Telemetry):
     """One pass with ``handle``'s model, planned before any weight is read; memory is released
     if it fails, runs out of memory or is cancelled. Returns the result and the plan."""
     check_pairing(handle, embeds)
     job = plan_job(handle, embeds, cfg, comfy.compute_device(), handle.memory)
     log.info("WanFit plan: %s", job.text)
     try:
-        prepared = get_model(handle, job.swap)
+        with tel.stage("load"):
+            prepared = get_model(handle, job.swap)
+        if prepared.swapper is not None:
+            tel.watch(prepared.swapper)
         positive, negative = _conditioning(handle, text, embeds, loading.DTYPES[handle.compute_dtype])
         first = embeds.first_latent
         denoise = make_denoiser(prepared.model, positive, negative, cfg, batch_cfg=job.batch_cfg,
                                 run_blocks=prepared.run_blocks, first_latent=first)
-        with torch.inference_mode():
+        def on_step(*args) -> None:
+            tel.on_step(*args)
+            callback(*args)
+
+        with torch.inference_mode(), tel.stage("sample"):
             result = sample(denoise, latent, sigmas, solver, start_step=start, end_step=end, noise=noise,
                             add_noise=add_noise, return_with_leftover_noise=leftover, solver_state=state,
-                            callback=callback)
+                            callback=on_step)
             if first is not None and start < min(end, len(sigmas) - 1):
                 left = float(sigmas[min(end, len(sigmas) - 1)]) if leftover else 0.0
                 result.latent = result.latent.clone()
@@ -170,10 +179,12 @@ def _initial(handle: ModelHandle, embeds: ImageEmbeds, latent: dict | None, sche
     return x, state
 
 
-def _output(x: torch.Tensor, state, schedule: dict, jobs: list[JobPlan]) -> tuple[dict]:
+def _output(x: torch.Tensor, state, schedule: dict, jobs: list[JobPlan], tel: Telemetry) -> tuple[dict]:
+    """The LATENT, carrying the solver memory, the plans and the job's telemetry."""
+    log.info("WanFit sampling: %s", tel.format())
     plans = [job.plan.to_dict() if job.plan is not None else {"note": job.text} for job in jobs]
     return ({"samples": to_comfy_latent(x), SOLVER_STATE_KEY: {k: v.cpu() for k, v in state.items()},
-             SCHEDULE_KEY: schedule, PLAN_KEY: plans},)
+             SCHEDULE_KEY: schedule, PLAN_KEY: plans, TELEMETRY_KEY: tel.summary()},)
 
 
 _COMMON = {
@@ -216,10 +227,11 @@ class WanFitSampler:
         x, state = _initial(model, image_embeds, latent, schedule)
         sigmas = flow_sigmas(steps, shift)
         noise = seeded_noise(seed, x.shape) if add_noise else None
-        result, job = run_pass(model, text_embeds, image_embeds, x, sigmas, scheduler, cfg, start_step, end, noise,
-                               add_noise, return_with_leftover_noise, state,
-                               _Progress(max(end - start_step, 1), start_step))
-        return _output(result.latent, result.solver_state, schedule, [job])
+        with Telemetry(comfy.compute_device()) as tel:
+            result, job = run_pass(model, text_embeds, image_embeds, x, sigmas, scheduler, cfg, start_step, end,
+                                   noise, add_noise, return_with_leftover_noise, state,
+                                   _Progress(max(end - start_step, 1), start_step), tel)
+        return _output(result.latent, result.solver_state, schedule, [job], tel)
 
 
 class WanFitTwoPassSampler:
@@ -260,13 +272,15 @@ class WanFitTwoPassSampler:
         x = torch.zeros(latent_shape(high_noise_model, image_embeds))
         noise = seeded_noise(seed, x.shape)
         progress = _Progress(steps, 0)
-        a, job_a = run_pass(high_noise_model, text_embeds, image_embeds, x, sigmas, scheduler, cfg_high, 0, k,
-                            noise, True, True, None, progress)
         add_noise = k == 0  # nothing ran yet: the low expert starts from noise
-        b, job_b = run_pass(low_noise_model, text_embeds, image_embeds, a.latent, sigmas, scheduler, cfg_low, k,
-                            steps, noise if add_noise else None, add_noise, False, a.solver_state, progress)
+        with Telemetry(comfy.compute_device()) as tel:
+            a, job_a = run_pass(high_noise_model, text_embeds, image_embeds, x, sigmas, scheduler, cfg_high, 0, k,
+                                noise, True, True, None, progress, tel)
+            b, job_b = run_pass(low_noise_model, text_embeds, image_embeds, a.latent, sigmas, scheduler, cfg_low,
+                                k, steps, noise if add_noise else None, add_noise, False, a.solver_state, progress,
+                                tel)
         schedule = dict(steps=steps, shift=shift, scheduler=scheduler, start_step=0, end_step=steps)
-        return _output(b.latent, b.solver_state, schedule, [job_a, job_b])
+        return _output(b.latent, b.solver_state, schedule, [job_a, job_b], tel)
 
 
 NODES = {cls.__name__: cls for cls in (WanFitSampler, WanFitTwoPassSampler)}

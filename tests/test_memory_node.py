@@ -67,3 +67,11 @@ def test_out_of_memory_in_a_step_releases_and_names_the_knobs(monkeypatch):
                                            r"blocks_to_swap .* fp8_e4m3fn_scaled\. Memory was released"):
         _sample(model, embeds)
     assert sample._LOADED["model"] is None
+
+
+def test_latent_carries_the_job_telemetry():
+    model, embeds = _model(HIGH), _image_embeds()
+    tel = _sample(model, embeds, steps=3)[sample.TELEMETRY_KEY]
+    assert tel["steps"] == 3 and len(tel["step_s"]) == 3 and all(t > 0 for t in tel["step_s"])
+    assert set(tel["stages_s"]) == {"load", "sample"} and tel["host_rss_peak"] > 0
+    assert tel["vram_peak_allocated"] is None  # CPU
