@@ -60,17 +60,22 @@ class VAEHandle:
         return self.ckpt.name
 
 
-def _check_file(kind: str, family: str, file: str):
+def _check_file(kind: str, family: str, file: str, detect=None):
     """VALIDATE_INPUTS body shared by the loaders: True, or a message naming the problem
-    (None: the name comes over a link, checked when the node runs)."""
+    (None: the name comes over a link, checked when the node runs). ``detect`` runs on the
+    header's shapes too (e.g. a DiT variant WanFit does not support)."""
     if file is None:
         return True
     if file not in comfy.list_models(kind):
         return f"{file}: not found in the ComfyUI {kind} folder"
     try:
-        open_checkpoint(comfy.model_path(kind, file), expect=family)
+        ckpt = open_checkpoint(comfy.model_path(kind, file), expect=family)
+        if detect is not None:
+            detect(ckpt.shapes)
     except (CheckpointError, FileNotFoundError) as err:
         return str(err)
+    except ValueError as err:
+        return f"{file}: {err}"
     return True
 
 
@@ -104,6 +109,10 @@ class WanFitModelLoader(_Loader):
     DISPLAY_NAME = "WanFit Model Loader"
     KIND, FAMILY = "diffusion_models", "dit"
     RETURN_TYPES = ("WANFIT_MODEL",)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, file):
+        return _check_file(cls.KIND, cls.FAMILY, file, detect_dit_config)
 
     @classmethod
     def INPUT_TYPES(cls):

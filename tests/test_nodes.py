@@ -117,6 +117,21 @@ def test_loader_options_and_file_validation(models, tmp_path):
     assert "not found" in load.WanFitVAELoader.VALIDATE_INPUTS("nope.safetensors")
 
 
+def test_model_loader_validation_rejects_an_unsupported_dit_variant(monkeypatch, models, tmp_path):
+    """A DiT with extra modules (here a VACE-style one) passes the family check but not
+    detection: refused at validation, from the header alone."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(models[NAMES[2]]))
+    sd["vace_blocks.0.before_proj.weight"] = torch.zeros(4, 4)
+    path = tmp_path / "wan2.1_vace_1.3B.safetensors"
+    save_file(sd, str(path))
+    monkeypatch.setattr(comfy, "list_models", lambda kind: [path.name])
+    monkeypatch.setattr(comfy, "model_path", lambda kind, name: str(path))
+    msg = load.WanFitModelLoader.VALIDATE_INPUTS(path.name)
+    assert msg is not True and path.name in msg and "VACE" in msg
+
+
 def test_t2v_model_with_i2v_embeds_is_a_clear_error():
     with pytest.raises(ValueError, match="text-to-video.*Image-to-Video Encode"):
         sample.WanFitSampler().run(_model(NAMES[2]), _text(), _image_embeds(), 2, 3.0, 5.0, 0, "unipc", 0, 2,
