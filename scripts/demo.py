@@ -77,26 +77,11 @@ def model_files(prompt: dict) -> list[str]:
     return sorted({n["inputs"]["file"] for n in prompt.values() if n["class_type"] in LOADERS})
 
 
-def planner_plan(prompt: dict):
-    """The memory planner's plan for this graph, when optim/planner.py offers one."""
-    if not (ROOT / "optim" / "planner.py").exists():
-        return None, "optim/planner.py does not exist yet"
-    try:
-        from pack import register
-
-        register()
-        from wanfit.optim import planner
-    except Exception as err:  # noqa: BLE001 - report, don't fail the demo
-        return None, f"wanfit.optim.planner did not import: {type(err).__name__}: {err}"
-    for name in ("plan_for_workflow", "plan_workflow"):
-        fn = getattr(planner, name, None)
-        if callable(fn):
-            try:
-                plan = fn(prompt)
-                return (plan.to_dict() if hasattr(plan, "to_dict") else plan), None
-            except Exception as err:  # noqa: BLE001
-                return None, f"planner.{name} failed: {type(err).__name__}: {err}"
-    return None, "wanfit.optim.planner has no plan_for_workflow(prompt) yet"
+def job_log(log: str) -> tuple[list[str], list[str]]:
+    """The memory plans and sampling telemetry the sampler nodes logged for this job, in words."""
+    lines = log.splitlines()
+    return ([l.removeprefix("WanFit plan: ") for l in lines if l.startswith("WanFit plan: ")],
+            [l.removeprefix("WanFit sampling: ") for l in lines if l.startswith("WanFit sampling: ")])
 
 
 class Monitor:
@@ -325,14 +310,14 @@ def main(argv=None) -> int:
         return 1
 
     report["video"] = _video_facts(report["outputs"])
-    report["plan"], reason = planner_plan(prompt)
-    if reason:
-        report["plan_note"] = reason
+    report["plan"], report["sampling"] = job_log((out / "comfyui.log").read_text())
     timings["total_s"] = round(time.perf_counter() - t_all, 2)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"\nvideo: {', '.join(o['file'] for o in report['outputs'])} {report['video']}")
     print(f"timings: {json.dumps(timings)}; peak host memory (ComfyUI process) "
-          f"{report['peak_host_memory_mb']} MB; plan: {report['plan'] if report['plan'] else reason}")
+          f"{report['peak_host_memory_mb']} MB")
+    for line in report["plan"] + report["sampling"]:
+        print(f"  {line}")
     print(f"report: {out / 'report.json'}")
     return 0
 
