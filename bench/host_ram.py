@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -52,13 +51,11 @@ _DTYPES = {"fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16")}
 
 
 def _import_pack():
-    """Register the repository as the package ``wanfit``, as the tests do."""
-    if "wanfit" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "wanfit", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["wanfit"] = module
-        spec.loader.exec_module(module)
+    """Register the repository as the package ``wanfit``, as the tests do (tests/pack.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pack import register
+
+    register()
 
 
 def write_checkpoint(path: Path, size: str, dtype_name: str, seed: int = 0) -> int:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib.util
 import json
 import math
 import subprocess
@@ -74,13 +73,11 @@ STEP_DOWN = 4  # resident blocks given up per out-of-memory retry
 
 
 def _import_pack():
-    """Register the repository as the package ``wanfit``, as the tests do."""
-    if "wanfit" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "wanfit", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["wanfit"] = module
-        spec.loader.exec_module(module)
+    """Register the repository as the package ``wanfit``, as the tests do (tests/pack.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pack import register
+
+    register()
 
 
 def _config(tiny: bool):
