@@ -78,4 +78,4 @@ def test_mmap_large_allocations_returns_freed_transients():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     grown, kept = map(int, out.stdout.split())
-    assert kept <= grown <= kept + NOISE
+    assert kept - NOISE <= grown <= kept + NOISE  # the kept tensors only: every freed transient went back
