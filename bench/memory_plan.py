@@ -15,7 +15,6 @@ plan (``{"plans": [...]}``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -31,13 +30,11 @@ CASES = [  # (card GiB, frames, width, height, weights)
 
 
 def _import_planner():
-    """Register the repository as the package ``wanfit``, as the tests do."""
-    if "wanfit" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("wanfit", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["wanfit"] = module
-        spec.loader.exec_module(module)
+    """Import the pack as ``wanfit``, registered as the tests do (tests/pack.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pack import register
+
+    register()
     from wanfit.optim import planner
     return planner
 

@@ -7,6 +7,7 @@ uncond run batched; it is logged in words with every job and travels in the LATE
 from __future__ import annotations
 
 import logging
+import textwrap
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -87,14 +88,8 @@ def plan_image_or_note(job: JobPlan) -> torch.Tensor:
     from PIL import Image, ImageDraw  # ComfyUI ships Pillow
 
     image = Image.new("RGB", (960, 120), (32, 32, 32))
-    ImageDraw.Draw(image).multiline_text((12, 12), _wrap(job.text, 150), fill=(230, 230, 230))
+    ImageDraw.Draw(image).multiline_text((12, 12), textwrap.fill(job.text, 150), fill=(230, 230, 230))
     return torch.from_numpy(np.array(image)).float()[None] / 255
-
-
-def _wrap(text: str, width: int) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width))
 
 
 class WanFitMemory:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..wan.checkpoint import Checkpoint
+from ..wan.detect import detect_dit_config
 from ..wan.model import WanModel, WanState
 from . import loading
 from .offload import Backend, BlockSwapper, OnCallOffload, SwapStats, offload_on_call
@@ -67,7 +68,7 @@ def prepare_dit(ckpt: Checkpoint, device: torch.device | str | Backend, settings
     """
     backend = device if not isinstance(device, (torch.device, str)) else None
     device = torch.device("cpu") if backend is not None else torch.device(device)
-    layers = loading.detect_dit_config(ckpt.shapes).num_layers
+    layers = detect_dit_config(ckpt.shapes).num_layers
     swap = settings.blocks_to_swap
     if not 0 <= swap <= layers:
         raise ValueError(f"blocks_to_swap={swap}: this model has {layers} blocks")

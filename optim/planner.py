@@ -605,7 +605,7 @@ class MemoryPlan:
 
     def explain(self) -> str:
         """The plan in a short paragraph."""
-        c, d, a = self.config, self.dit, self.activations
+        d, a = self.dit, self.activations
         f, h, w = self.latent
         text = [f"{self.model}: {self.frames} frames at {self.width}×{self.height} → latent {f}×{h}×{w} = "
                 f"{self.tokens:,} tokens"]

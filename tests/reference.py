@@ -20,7 +20,7 @@ def _sdpa_flash_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, soft
                           q_scale=None, causal=False, window_size=(-1, -1), deterministic=False,
                           dtype=torch.bfloat16, version=None):
     """CPU stand-in for wan's flash_attention: q, k, v are [B, L, N, D]."""
-    b, lq, lk = q.size(0), q.size(1), k.size(1)
+    lk = k.size(1)
     mask = None
     if k_lens is not None:
         keep = torch.arange(lk, device=q.device)[None, :] < k_lens.to(q.device)[:, None]

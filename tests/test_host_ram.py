@@ -62,11 +62,10 @@ def test_five_jobs_do_not_creep(report):
 def test_mmap_large_allocations_returns_freed_transients():
     """After the switch, freeing large tensors between kept ones gives the memory back."""
     code = textwrap.dedent(f"""
-        import importlib.util, sys, torch
-        spec = importlib.util.spec_from_file_location("wanfit", {str(ROOT / "__init__.py")!r},
-                                                      submodule_search_locations=[{str(ROOT)!r}])
-        sys.modules["wanfit"] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        import sys, torch
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from pack import register
+        register()
         from wanfit.optim import hostmem
         assert hostmem.mmap_large_allocations()
         base, kept = hostmem.rss_anon_bytes(), []
