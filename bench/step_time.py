@@ -115,8 +115,8 @@ def build(case: Case, config, device: torch.device):
     """The expert as ``case`` plans it: a PreparedDiT with resident blocks on ``device`` and
     the rest behind a BlockSwapper (the recording backend stands in for CUDA on the CPU)."""
     from wanfit.optim import fp8, loading
-    from wanfit.optim.engine import PreparedDiT
-    from wanfit.optim.offload import BlockSwapper, RecordingBackend
+    from wanfit.optim.engine import PreparedDiT, SwapSettings, attach_swap
+    from wanfit.optim.offload import RecordingBackend
     from wanfit.wan.model import WanModel
     with torch.device("meta"):
         model = WanModel(config)
@@ -132,11 +132,10 @@ def build(case: Case, config, device: torch.device):
                            torch.bfloat16, place, "random weights",
                            fp8_target=torch.float8_e4m3fn if quantize else None,
                            fp8_predicate=fp8.should_quantize if quantize else (lambda key, shape: False))
-    prepared = PreparedDiT(model, resident)
-    if resident < config.num_layers:
-        backend = device if device.type == "cuda" else RecordingBackend()
-        prepared.swapper = BlockSwapper(model.blocks[resident:], backend, resident=0, prefetch=case.prefetch)
-    return prepared
+    if resident == config.num_layers:
+        return PreparedDiT(model, resident)
+    backend = device if device.type == "cuda" else RecordingBackend()
+    return attach_swap(model, resident, backend, SwapSettings(config.num_layers - resident, case.prefetch))
 
 
 def _inputs(config, grid: tuple[int, int, int], batch: int, device: torch.device) -> dict:

@@ -41,9 +41,11 @@ class PreparedDiT:
     offloads: list[OnCallOffload] = field(default_factory=list)
 
     def run_blocks(self, state: WanState, step: int) -> WanState:
-        for block in self.model.blocks[: self.resident]:
+        if self.swapper is not None:
+            return self.swapper.run_blocks(state)
+        for block in self.model.blocks:
             state.x = block(state.x, **state.block_kwargs)
-        return self.swapper.run_blocks(state) if self.swapper is not None else state
+        return state
 
     def swap_stats(self) -> SwapStats | None:
         return self.swapper.telemetry() if self.swapper is not None else None
@@ -83,18 +85,25 @@ def prepare_dit(ckpt: Checkpoint, device: torch.device | str | Backend, settings
         return device
 
     model = loading.load_dit(ckpt, dtype=dtype, weight_format=weight_format, device=place, attention=attention)
-    prepared = PreparedDiT(model, resident)
     if backend is None and device.type == "cpu":
-        return prepared  # nothing to swap between: host and device are one
-    target = backend or device
+        return PreparedDiT(model, resident)  # nothing to swap between: host and device are one
+    return attach_swap(model, resident, backend or device, settings)
+
+
+def attach_swap(model: WanModel, resident: int, device: torch.device | str | Backend,
+                settings: SwapSettings) -> PreparedDiT:
+    """Wrap a model whose first ``resident`` blocks are already on the device and whose other
+    blocks (and embeddings, if ``settings.offload_embeddings``) are on the host."""
+    prepared = PreparedDiT(model, resident)
     try:
-        if swap:
-            # The resident blocks are already on the device (loaded there), so the swapper
-            # only sees the swapped tail: host RAM never holds a resident block.
-            prepared.swapper = BlockSwapper(model.blocks[resident:], target, resident=0,
-                                            prefetch=settings.prefetch, pin_memory=settings.pin_memory)
+        if resident < len(model.blocks):
+            # The resident blocks were loaded straight to the device (host RAM never holds
+            # them); the swapper runs them in place while the first swapped copies fly.
+            prepared.swapper = BlockSwapper(model.blocks, device, resident=resident,
+                                            prefetch=settings.prefetch, pin_memory=settings.pin_memory,
+                                            resident_placed=True)
         if settings.offload_embeddings:
-            prepared.offloads = [offload_on_call(getattr(model, name), target, settings.pin_memory)
+            prepared.offloads = [offload_on_call(getattr(model, name), device, settings.pin_memory)
                                  for name in _EMBEDDINGS if hasattr(model, name)]
     except BaseException:
         prepared.close()

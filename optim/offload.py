@@ -326,11 +326,16 @@ class BlockSwapper:
     blocks with ``.to()`` or replace their Parameter objects (``FP8Linear.set_weight``);
     in-place edits of their weights are picked up at the next load of a swapped block and
     act directly on the device copy of a resident one.
+
+    ``resident_placed=True`` says the caller has already put the resident blocks on the
+    device (the engine streams them there from the file, so they never pass through host
+    RAM): the swapper runs them as they are, never copies them and leaves them there on
+    :meth:`close`. It still runs them, so the first swapped blocks' copies overlap them.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], device: torch.device | str | Backend,
                  resident: int, prefetch: int = 1, pin_memory: bool = True,
-                 pin_budget: int | None = None):
+                 pin_budget: int | None = None, resident_placed: bool = False):
         if not 0 <= resident <= len(blocks) or prefetch < 0:
             raise ValueError(f"resident={resident}, prefetch={prefetch} for {len(blocks)} blocks")
         self.backend = b = _backend(device)
@@ -340,7 +345,9 @@ class BlockSwapper:
         m = len(self._swapped)
         self.slots = min(prefetch + 1, m)
         self.stats = SwapStats(resident=resident, swapped=m, slots=self.slots)
-        self._resident_buffers = [self._place_resident(i) for i in range(resident)]
+        self._placed = resident_placed
+        self._resident_buffers = [] if resident_placed else [self._place_resident(i)
+                                                             for i in range(resident)]
         b.synchronize()
 
         self._layout = BlockLayout(self._tensors[resident]) if m else BlockLayout([])
@@ -383,8 +390,9 @@ class BlockSwapper:
         self.stats.pinned_blocks = len(self._pinned)
         self.stats.staged = bool(self._staging)
         self.stats.pinned_bytes = (len(self._pinned) + len(self._staging)) * nbytes
-        self.stats.device_bytes = (sum(x.nbytes for x in self._resident_buffers)
-                                   + self.slots * nbytes)
+        self.stats.device_bytes = (sum(t.nbytes for i in range(resident) for t in self._tensors[i])
+                                   if resident_placed else sum(x.nbytes for x in self._resident_buffers)
+                                   ) + self.slots * nbytes
         self._closed = False
 
     def _place_resident(self, i: int) -> Tensor:
@@ -505,7 +513,7 @@ class BlockSwapper:
         self._closed = True
         b = self.backend
         b.synchronize()
-        for i in range(len(self._resident)):
+        for i in range(0 if self._placed else len(self._resident)):
             for t in self._tensors[i]:
                 t.data = b.to_host(t.data)
         while self._pinned:

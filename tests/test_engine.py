@@ -6,7 +6,7 @@ import torch
 
 import factory
 from wanfit.optim.engine import SwapSettings, prepare_dit
-from wanfit.optim.offload import RecordingBackend
+from wanfit.optim.offload import RecordingBackend, state_tensors
 from wanfit.wan.checkpoint import open_checkpoint
 from wanfit.wan.denoise import Conditioning, make_denoiser
 
@@ -47,3 +47,21 @@ def test_swapped_equals_resident(ckpt, swap, prefetch, embeddings):
 def test_too_many_blocks_to_swap(ckpt):
     with pytest.raises(ValueError, match="blocks_to_swap=5: this model has 2 blocks"):
         prepare_dit(ckpt, "cpu", SwapSettings(blocks_to_swap=5))
+
+
+def test_first_swapped_copy_overlaps_the_resident_blocks(ckpt):
+    """The copy of the first swapped block is issued before the resident head computes, so it
+    flies while that head runs; the resident block is never copied by the swapper."""
+    backend = RecordingBackend(lazy=True)
+    prepared = prepare_dit(ckpt, backend, SwapSettings(blocks_to_swap=1), dtype=torch.float32)
+    for i, block in enumerate(prepared.model.blocks):
+        block.register_forward_pre_hook(lambda module, args, i=i: backend.log.append(("run", i)))
+    start = len(backend.log)
+    _step(prepared)
+    events = [e[:2] for e in backend.log[start:] if e[0] in ("h2d", "run")]
+    assert events == [("h2d", 1), ("run", 0), ("run", 1)]
+    stats = prepared.swap_stats()
+    assert (stats.resident, stats.swapped, stats.transfers) == (1, 1, 1)
+    head = sum(t.nbytes for t in state_tensors(prepared.model.blocks[0]))
+    assert stats.device_bytes == head + stats.block_bytes
+    prepared.close()
