@@ -10,7 +10,8 @@ one after the other keeps more blocks resident. Flash-class SDPA and fp8 matmul 
 Prints each plan's explanation, a table, and as the last line one JSON object holding every
 plan (``{"plans": [...]}``).
 
-    python bench/memory_plan.py [--reserve 1.5] [--host-ram 64] [--attention sdpa] [--no-fp8-matmul]
+    python bench/memory_plan.py [--reserve 1.5] [--host-ram 64] [--attention sdpa] [--t5 fp8_e4m3fn]
+                                [--no-fp8-matmul]
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--reserve", type=float, default=1.5, help="GiB held back from each card")
     parser.add_argument("--host-ram", type=float, default=64, help="GiB of host RAM available")
     parser.add_argument("--attention", default="sdpa", help="sdpa, flash_attn, sageattention or math")
+    parser.add_argument("--t5", default="fp8_e4m3fn", choices=["fp8_e4m3fn", "bf16"],
+                        help="UMT5 weights as kept on the device (the bundled workflows load the fp8 file)")
     parser.add_argument("--no-fp8-matmul", action="store_true", help="GPU without fp8 GEMMs (before RTX 40)")
     args = parser.parse_args()
     planner = _import_planner()
@@ -54,7 +57,7 @@ def main() -> None:
             plan = planner.plan_memory(MODEL, frames=frames, width=width, height=height, weights=weights,
                                        budget="auto", total=card * gib, reserve=int(args.reserve * gib),
                                        host_ram=int(args.host_ram * gib), attention=args.attention,
-                                       fp8_matmul=not args.no_fp8_matmul)
+                                       fp8_matmul=not args.no_fp8_matmul, t5_weights=args.t5)
         except planner.PlanError as err:
             print(f"[{card} GB, {frames} frames {width}x{height}, {weights}] {err}\n")
             plans.append({"card_gib": card, "frames": frames, "width": width, "height": height,
@@ -71,7 +74,7 @@ def main() -> None:
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     print("(GiB; res/swap/pf: resident blocks / swapped blocks / prefetch depth)")
-    print(json.dumps({"model": MODEL, "reserve_gib": args.reserve, "plans": plans}))
+    print(json.dumps({"model": MODEL, "reserve_gib": args.reserve, "t5": args.t5, "plans": plans}))
 
 
 if __name__ == "__main__":

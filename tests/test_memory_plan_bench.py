@@ -1,0 +1,42 @@
+"""bench/memory_plan.py: the issue's cases print the plans the README and BENCHMARKS.md quote."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "memory_plan.py"
+
+
+def _plans(*args: str) -> dict:
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                         check=True, timeout=300)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {(p["card_gib"], p["frames"], p["width"], p["weights"]): p for p in result["plans"]}
+
+
+def test_plans_for_the_issue_cases():
+    plans = _plans()
+    fp8 = "fp8_e4m3fn_scaled"
+    assert len(plans) == 9 and not any("error" in p for p in plans.values())
+    for frames in (61, 81, 121):  # seed 001: ComfyUI offloads here; nothing needs to
+        plan = plans[32, frames, 832, fp8]
+        assert (plan["resident"], plan["swapped"]) == (40, 0)
+        assert plan["peak_vram"] <= plan["budget"]
+    assert plans[32, 81, 832, "bf16"]["swapped"] > 0
+    swapped = [plans[card, 81, 832, fp8]["swapped"] for card in (24, 16, 12, 8)]
+    assert swapped == sorted(swapped) and swapped[-1] > swapped[1] > 0
+    for plan in plans.values():
+        assert plan["peak_vram"] <= plan["budget"]
+        t5 = next(e for e in plan["encoders"] if e["name"] == "T5")
+        assert t5["weight_bytes"] < 7 * 2**30  # the fp8 file the workflows ship, not bf16
+
+
+def test_t5_in_bf16_is_counted_larger():
+    fp8 = _plans()[12, 81, 832, "fp8_e4m3fn_scaled"]
+    bf16 = _plans("--t5", "bf16")[12, 81, 832, "fp8_e4m3fn_scaled"]
+    t5 = [next(e for e in p["encoders"] if e["name"] == "T5") for p in (fp8, bf16)]
+    assert 1.5 < t5[1]["weight_bytes"] / t5[0]["weight_bytes"] < 1.8
+    assert (t5[0]["device"], t5[1]["device"]) == ("gpu", "cpu")  # 12 GB: only the fp8 T5 fits
+    assert bf16["peak_host"] > fp8["peak_host"]
