@@ -332,38 +332,58 @@ class _Forward:
         return flat
 
     def modulate(self, normed: int, n: int, cast: bool = True) -> int:
-        """(normed.float() * (1 + scale) + shift), .to(dtype) when ``cast``; frees normed."""
-        t, s = self.tape, self.s
-        one_plus = t.new(self.batch * self.e_tokens * self.c.dim * 4)
-        m = t.new(4 * n)
-        t.free(normed, one_plus)
-        m2 = t.new(4 * n)
-        t.free(m)
+        """_modulate(normed, shift, scale, runs), .to(dtype) when ``cast``; frees normed."""
+        t, s, row = self.tape, self.s, self.batch * self.c.dim * 4
+        if self.per_token_t:  # run by run into one float32 output
+            out = t.new(4 * n)
+            for _ in range(self.e_rows):
+                t.free(t.new(row))  # 1 + scale of the run
+            t.free(normed)
+            m2 = out
+        else:  # x.float() * (1 + scale) + shift
+            one_plus = t.new(row)
+            m = t.new(4 * n)
+            t.free(normed, one_plus)
+            m2 = t.new(4 * n)
+            t.free(m)
         if s == 4 or not cast:
             return m2
         out = t.new(s * n)
         t.free(m2)
         return out
 
+    def gated(self, n: int) -> int:
+        """_gated(x, y, gate, runs): the new residual stream."""
+        if self.per_token_t:  # y * gate run by run into the output, then += x
+            return self.tape.new(4 * n)
+        gated = self.tape.new(4 * n)
+        out = self.tape.new(4 * n)
+        self.tape.free(gated)
+        return out
+
     @property
-    def e_tokens(self) -> int:
-        return self.tokens if self.per_token_t else 1
+    def e_rows(self) -> int:
+        """Rows of e / e0 per sample: TI2V's per-token timesteps come in two runs."""
+        return 2 if self.per_token_t else 1
 
     def block(self, first: bool) -> int:
         """WanAttentionBlock.forward; returns the new residual stream (the input stays live)."""
         t, s, c, b, L = self.tape, self.s, self.c, self.batch, self.tokens
         n, rows, lt = b * L * c.dim, b * L, c.text_len
-        mod = t.new(b * self.e_tokens * 6 * c.dim * 4)  # modulation.float() + e0
+        mod = t.new(b * self.e_rows * 6 * c.dim * 4)  # modulation.float() + e0
         if first:  # x from embed: compute dtype, a transposed view of the patch embedding
             f = t.new(4 * n if s != 4 else 0)  # x.float()
             contig = t.new(4 * n)  # layer_norm makes its input contiguous
             normed = t.new(4 * n)
             t.free(contig)
-            if s != 4:  # .type_as(x), then .float() again
+            if s != 4:  # .type_as(x), then .float() again (run-wise modulation reads it as is)
                 typed = t.new(s * n)
                 t.free(normed, f)
-                normed = t.new(4 * n)
-                t.free(typed)
+                if self.per_token_t:
+                    normed = typed
+                else:
+                    normed = t.new(4 * n)
+                    t.free(typed)
         else:
             normed = t.new(4 * n)
         xm = self.modulate(normed, n)
@@ -378,9 +398,7 @@ class _Forward:
         att = self.attention(L, L)
         y = self.linear(rows, c.dim, c.dim)
         t.free(att, *qk, v, xm)
-        gated = t.new(4 * n)  # y * gate1
-        x1 = t.new(4 * n)
-        t.free(gated)
+        x1 = self.gated(n)
         # cross-attention
         ln = t.new(4 * n)  # norm3(x), float32 like x
         xc = t.new(s * n) if s != 4 else ln
@@ -418,9 +436,8 @@ class _Forward:
         t.free(h)
         y2 = self.linear(rows, c.ffn_dim, c.dim)
         t.free(g, xf, y)
-        gated = t.new(4 * n)
-        x3 = t.new(4 * n)
-        t.free(gated, y2, x2, mod)
+        x3 = self.gated(n)
+        t.free(y2, x2, mod)
         return x3
 
     def embed(self) -> tuple[int, list[int]]:
@@ -431,12 +448,9 @@ class _Forward:
         cast = t.new(vol * c.in_dim * s if s != 4 else 0)
         x = t.new(b * L * c.dim * s)  # patch embedding
         t.free(cast, *([cat] if cat is not None else []))
-        index = t.new(b * L * 8 if self.per_token_t else 0)  # unique(t, return_inverse=True)
-        e, e0 = self.time_embed(2 if self.per_token_t else b)
-        if self.per_token_t:  # e[index], e0[index]
-            per_token = t.new(b * L * c.dim * 4), t.new(b * L * 6 * c.dim * 4)
-            t.free(e, e0)
-            e, e0 = per_token
+        if self.per_token_t:  # where t changes along the tokens: t[:, 1:] != t[:, :-1]
+            t.free(t.new(b * (L - 1)))
+        e, e0 = self.time_embed(b * self.e_rows)
         pad = t.new(b * c.text_len * c.text_dim * 4)
         text = t.new(b * c.text_len * c.text_dim * s) if s != 4 else pad  # .to(dtype)
         if s != 4:
@@ -458,7 +472,6 @@ class _Forward:
             t.free(stacked, angles)
         else:  # computed on the host; only the float32 result comes over
             held.append(t.new(8 * lc))
-        t.free(index)
         return x, held
 
     def time_embed(self, rows: int) -> tuple[int, int]:
@@ -486,7 +499,7 @@ class _Forward:
         t, s, c, b, L = self.tape, self.s, self.c, self.batch, self.tokens
         n, p = b * L * c.dim, math.prod(c.patch_size) * c.out_dim
         mf = t.new(2 * c.dim * 4 if s != 4 else 0)  # modulation.float()
-        mh = t.new(b * self.e_tokens * 2 * c.dim * 4)
+        mh = t.new(b * self.e_rows * 2 * c.dim * 4)
         t.free(mf)
         normed = self.modulate(t.new(4 * n), n, cast=False)  # the head stays float32
         w = t.new(c.dim * p * 4 if s != 4 else 0)  # _linear32: head weight in float32
@@ -505,7 +518,7 @@ def dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int = 
     ``fp8_matmul``: fp8 Linears take the ``torch._scaled_mm`` path (CUDA, capability >= 8.9),
     quantising their input; otherwise each upcasts its weight for the call. Inputs (latent,
     conditioning, text features) and weights are not counted. TI2V-5B's per-token timesteps
-    make its time embeddings [B, L, 6, dim] float32, as in the official code.
+    come in two runs (first frame, the rest), modulated run by run.
     """
     if not (config.qk_norm and config.cross_attn_norm):
         raise ValueError("the activation model covers the released Wan configs (qk_norm, cross_attn_norm)")

@@ -163,10 +163,38 @@ def test_block_loop_equals_forward():
     with torch.no_grad():
         state = model.embed(**inputs)
         assert state.e.dtype == state.e0.dtype == torch.float32
-        assert state.e0.shape == (2, state.x.shape[1], 6, cfg.dim)  # per-token timesteps
+        first = HEIGHT // 2 * WIDTH // 2  # tokens of the first latent frame (timestep 0)
+        assert state.runs == (first, state.x.shape[1] - first)
+        assert state.e0.shape == (2, 2, 6, cfg.dim)  # one row per run, not per token
         for block in model.blocks:
             state.x = block(state.x, **state.block_kwargs)
         assert torch.equal(model.unembed(state), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_runs_equal_per_token_embeddings(dtype):
+    """Run-wise modulation is bit-identical to the official per-token form ([B, L, 6, C]
+    embeddings broadcast token by token), also where batch samples switch at other tokens."""
+    cfg = CONFIGS["ti2v"]
+    model = make_model(cfg).to(dtype)
+    inputs = make_inputs(cfg)
+    t = inputs["t"].clone()
+    t[1, 5:9] = 500.0  # sample 1 switches at two more tokens: runs split at 5, 9 and 24
+    inputs["t"] = t
+    with torch.no_grad():
+        state = model.embed(**inputs)
+        assert state.runs == (5, 4, 15, 48) and sum(state.runs) == t.shape[1]
+        full = dataclasses.replace(state, runs=None,
+                                   e=state.e.repeat_interleave(torch.tensor(state.runs), dim=1),
+                                   e0=state.e0.repeat_interleave(torch.tensor(state.runs), dim=1))
+        for s in (state, full):
+            for block in model.blocks:
+                s.x = block(s.x, **s.block_kwargs)
+        assert torch.equal(state.x, full.x)
+        assert torch.equal(model.unembed(state), model.unembed(full))
+        # and the time embedding of each run is that of its timestep
+        one = model.embed(**{**inputs, "t": torch.full((2,), 500.0)})
+        assert torch.allclose(state.e0[1, 1], one.e0[1, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_low_precision_weights():

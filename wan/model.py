@@ -116,6 +116,31 @@ def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), layer.weight.float(), bias)
 
 
+Runs = tuple[int, ...]  # token counts of consecutive runs that share a timestep (TI2V)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, runs: Runs | None) -> torch.Tensor:
+    """``x.float() * (1 + scale) + shift``; shift / scale are [B, 1, C], or [B, R, C] with
+    ``runs`` giving each run's token count. Per run, the result is written straight into one
+    float32 output: bit-identical to the per-token form without its [B, L, 6, C] tensors."""
+    if runs is None:
+        return x.float() * (1 + scale) + shift
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for xs, os, sh, sc in zip(x.split(runs, 1), out.split(runs, 1), shift.split(1, 1), scale.split(1, 1)):
+        torch.mul(xs, 1 + sc, out=os).add_(sh)
+    return out
+
+
+def _gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, runs: Runs | None) -> torch.Tensor:
+    """``x + y * gate`` with gate [B, 1, C], or [B, R, C] per run as in :func:`_modulate`."""
+    if runs is None:
+        return x + y * gate
+    out = torch.empty(x.shape, dtype=torch.promote_types(y.dtype, gate.dtype), device=x.device)
+    for ys, os, g in zip(y.split(runs, 1), out.split(runs, 1), gate.split(1, 1)):
+        torch.mul(ys, g, out=os)
+    return out.add_(x)  # y * gate + x: the same sum (addition commutes exactly)
+
+
 class WanRMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -200,16 +225,17 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor,
-                context_img: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-        """x [B, L, C] -> [B, L, C] float32. e0 [B, 1 or L, 6, C] float32; the compute dtype is
-        context's (embed makes it so)."""
+                context_img: torch.Tensor | None = None, backend: str = "auto",
+                runs: Runs | None = None) -> torch.Tensor:
+        """x [B, L, C] -> [B, L, C] float32. e0 [B, 1, 6, C] float32, or [B, R, 6, C] with
+        ``runs`` (TI2V); the compute dtype is context's (embed makes it so)."""
         dtype = context.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
-        y = self.self_attn((self.norm1(x).float() * (1 + scale1) + shift1).to(dtype), freqs, backend)
-        x = x + y * gate1  # float32 from here on, as official
+        y = self.self_attn(_modulate(self.norm1(x), shift1, scale1, runs).to(dtype), freqs, backend)
+        x = _gated(x, y, gate1, runs)  # float32 from here on, as official
         x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img, backend)
-        y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).to(dtype))
-        return x + y * gate2
+        y = self.ffn(_modulate(self.norm2(x), shift2, scale2, runs).to(dtype))
+        return _gated(x, y, gate2, runs)
 
 
 class Head(nn.Module):
@@ -220,10 +246,10 @@ class Head(nn.Module):
         self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, C], e [B, 1 or L, C] float32 -> [B, L, prod(patch) * out_dim] float32."""
+    def forward(self, x: torch.Tensor, e: torch.Tensor, runs: Runs | None = None) -> torch.Tensor:
+        """x [B, L, C], e [B, 1 or R, C] float32 -> [B, L, prod(patch) * out_dim] float32."""
         shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)
-        return _linear32(self.head, self.norm(x).float() * (1 + scale) + shift)
+        return _linear32(self.head, _modulate(self.norm(x), shift, scale, runs))
 
 
 class MLPProj(nn.Module):
@@ -246,18 +272,19 @@ class WanState:
     ``state.x = block(state.x, **state.block_kwargs)``."""
 
     x: torch.Tensor  # tokens [B, L, dim]: compute dtype out of embed, float32 after a block
-    e: torch.Tensor  # time embedding [B, 1 or L, dim] float32 (head; step caches)
-    e0: torch.Tensor  # its projection [B, 1 or L, 6, dim] float32 (block modulation; step caches)
+    e: torch.Tensor  # time embedding [B, 1 or R, dim] float32 (head; step caches)
+    e0: torch.Tensor  # its projection [B, 1 or R, 6, dim] float32 (block modulation; step caches)
     freqs: torch.Tensor  # RoPE (cos, sin) [L, 1, head_dim // 2, 2] float32
     context: torch.Tensor  # text tokens [B, text_len, dim], compute dtype
     context_img: torch.Tensor | None  # CLIP image tokens [B, 257 or 514, dim] (Wan 2.1 i2v)
     grid: tuple[int, int, int]  # token grid (F, H, W) after patching
     backend: str = "auto"  # attention backend, see attention.py
+    runs: Runs | None = None  # per-token timesteps: e / e0 hold one row per run of equal tokens
 
     @property
     def block_kwargs(self) -> dict:
         return dict(e0=self.e0, freqs=self.freqs, context=self.context, context_img=self.context_img,
-                    backend=self.backend)
+                    backend=self.backend, runs=self.runs)
 
 
 class WanModel(nn.Module):
@@ -310,14 +337,19 @@ class WanModel(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         b, n = x.shape[:2]
 
+        runs = None
         if t.dim() <= 1:
             e, e0 = self.time_embed(t.reshape(-1).expand(b))
             e, e0 = e[:, None], e0[:, None]
         elif t.shape == (b, n):
-            # Few distinct values (TI2V: two): embed those once, then index per token.
-            values, index = torch.unique(t, return_inverse=True)
-            e, e0 = self.time_embed(values)
-            e, e0 = e[index], e0[index]
+            # Per-token timesteps come in runs (TI2V: the first frame's tokens, then the rest):
+            # one embedding per run, applied run by run, never a [B, L, 6, dim] tensor.
+            starts = torch.cat([torch.zeros(1, dtype=torch.long, device=t.device),
+                                1 + torch.nonzero((t[:, 1:] != t[:, :-1]).any(0)).flatten()])
+            bounds = [*starts.tolist(), n]
+            runs = tuple(hi - lo for lo, hi in zip(bounds, bounds[1:]))
+            e, e0 = self.time_embed(t[:, starts].reshape(-1))
+            e, e0 = e.unflatten(0, (b, len(runs))), e0.unflatten(0, (b, len(runs)))
         else:
             raise ValueError(f"t must be [B] or per token [B, L] = [{b}, {n}]; got {list(t.shape)}")
 
@@ -329,11 +361,11 @@ class WanModel(nn.Module):
                              else "this model has no CLIP image input; pass clip_fea=None")
         context_img = self.img_emb(clip_fea, dtype) if c.clip else None
         freqs = rope_freqs(grid, c.head_dim).to(x.device)
-        return WanState(x, e, e0, freqs, context, context_img, grid, self.attention_backend)
+        return WanState(x, e, e0, freqs, context, context_img, grid, self.attention_backend, runs)
 
     def unembed(self, state: WanState) -> torch.Tensor:
         """Head and unpatchify: -> [B, out_dim, F, H, W] float32."""
-        x = self.head(state.x, state.e)
+        x = self.head(state.x, state.e, state.runs)
         (f, h, w), (pt, ph, pw) = state.grid, self.config.patch_size
         x = x.view(x.shape[0], f, h, w, pt, ph, pw, self.config.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(x.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
