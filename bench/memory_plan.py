@@ -1,7 +1,8 @@
 """Memory plans for Wan 2.2 I2V-A14B on common cards, computed on the meta device (no GPU, seconds).
 
 Cases: 832x480 with fp8 weights at 61, 81 and 121 frames on a 32 GB card, bf16 at 81 frames
-on 32 GB, fp8 at 81 frames on 24, 16, 12 and 8 GB cards, and 1280x720 81 frames on 32 GB.
+on 32 GB, fp8 at 81 frames on 24, 16, 12 and 8 GB cards, and 1280x720 81 frames on 32 GB;
+then TI2V-5B (the fp16 file of the bundled workflow) at 121 frames 1280x704 on 24 and 16 GB.
 A card's budget is its nominal size (N GiB) less ``--reserve`` (CUDA context, cuBLAS,
 desktop, allocator slack). CFG is left to the planner: cond and uncond batched (2x) unless
 one after the other keeps more blocks resident. Flash-class SDPA and fp8 matmul (RTX 40 /
@@ -22,11 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "Wan2.2 I2V-A14B expert"
+TI2V = "Wan2.2 TI2V-5B"
 FP8 = "fp8_e4m3fn_scaled"
-CASES = [  # (card GiB, frames, width, height, weights)
-    (32, 61, 832, 480, FP8), (32, 81, 832, 480, FP8), (32, 121, 832, 480, FP8), (32, 81, 832, 480, "bf16"),
-    (24, 81, 832, 480, FP8), (16, 81, 832, 480, FP8), (12, 81, 832, 480, FP8), (8, 81, 832, 480, FP8),
-    (32, 81, 1280, 720, FP8),
+CASES = [  # (card GiB, frames, width, height, weights, model)
+    (32, 61, 832, 480, FP8, MODEL), (32, 81, 832, 480, FP8, MODEL), (32, 121, 832, 480, FP8, MODEL),
+    (32, 81, 832, 480, "bf16", MODEL), (24, 81, 832, 480, FP8, MODEL), (16, 81, 832, 480, FP8, MODEL),
+    (12, 81, 832, 480, FP8, MODEL), (8, 81, 832, 480, FP8, MODEL), (32, 81, 1280, 720, FP8, MODEL),
+    (24, 121, 1280, 704, "fp16", TI2V), (16, 121, 1280, 704, "fp16", TI2V),
 ]
 
 
@@ -52,21 +55,21 @@ def main() -> None:
     planner = _import_planner()
     gib = planner.GIB
     plans, rows = [], []
-    for card, frames, width, height, weights in CASES:
+    for card, frames, width, height, weights, model in CASES:
         try:
-            plan = planner.plan_memory(MODEL, frames=frames, width=width, height=height, weights=weights,
+            plan = planner.plan_memory(model, frames=frames, width=width, height=height, weights=weights,
                                        budget="auto", total=card * gib, reserve=int(args.reserve * gib),
                                        host_ram=int(args.host_ram * gib), attention=args.attention,
                                        fp8_matmul=not args.no_fp8_matmul, t5_weights=args.t5)
         except planner.PlanError as err:
             print(f"[{card} GB, {frames} frames {width}x{height}, {weights}] {err}\n")
-            plans.append({"card_gib": card, "frames": frames, "width": width, "height": height,
+            plans.append({"card_gib": card, "model": model, "frames": frames, "width": width, "height": height,
                           "weights": weights, "error": str(err), "min_budget": err.min_budget})
             continue
         print(f"[{card} GB card] {plan.explain()}\n")
         plans.append({"card_gib": card, **plan.to_dict()})
         cfg = "batched" if plan.batch == 2 else "sequential" if plan.passes == 2 else "single"
-        rows.append((f"{card} GB", f"{frames}f {width}x{height}", weights, f"{plan.budget / gib:.1f}",
+        rows.append((f"{card} GB", "TI2V-5B " * (model == TI2V) + f"{frames}f {width}x{height}", weights, f"{plan.budget / gib:.1f}",
                      f"{plan.resident}/{plan.swapped}/{plan.prefetch}", cfg, f"{plan.activations.peak / gib:.1f}",
                      f"{plan.sampling_vram / gib:.1f}", f"{plan.peak_vram / gib:.1f}", f"{plan.peak_host / gib:.1f}"))
     header = ("card", "job", "weights", "budget", "res/swap/pf", "cfg", "act", "sampling", "peak VRAM", "peak host")
