@@ -55,6 +55,20 @@ def compute_device():
     return mm.get_torch_device()
 
 
+def free_vram(device) -> int:
+    """Bytes free on ``device``: the driver's free memory plus what torch has cached unused."""
+    import comfy.model_management as mm
+
+    return int(mm.get_free_memory(device))
+
+
+def unload_comfy_models(nbytes: int, device) -> None:
+    """Ask ComfyUI to unload its own models (core nodes' checkpoints) until ``nbytes`` are free."""
+    import comfy.model_management as mm
+
+    mm.free_memory(nbytes, device)
+
+
 def free_memory_cache() -> None:
     import comfy.model_management as mm
 

@@ -8,10 +8,11 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
-from ..optim import loading
+from ..optim import loading, planner
 from ..wan.checkpoint import Checkpoint
 from . import comfy
 from .load import VAEHandle
+from .stages import run_stage, stage_device
 from .types import ImageEmbeds, TextEmbeds, default_dtype
 
 CATEGORY = "WanFit/conditioning"
@@ -31,23 +32,19 @@ def _text_key(ckpt: Checkpoint, prompt: str) -> tuple:
 
 
 def encode_prompts(ckpt: Checkpoint, prompts: list[str]) -> list[torch.Tensor]:
-    """Contexts for ``prompts``, from the LRU cache where possible; UMT5 is loaded on the
-    compute device only for the missing ones and released right after."""
+    """Contexts for ``prompts``, from the LRU cache where possible; UMT5 is loaded only for the
+    missing ones, on the compute device when it has room (else the CPU, in the same dtype),
+    and released right after."""
     keys = [_text_key(ckpt, p) for p in prompts]
     missing = list(dict.fromkeys(k for k in keys if k not in _TEXT_CACHE))
     if missing:
-        device = comfy.compute_device()
-        encoder, tokenizer = loading.load_text_encoder(ckpt, default_dtype(device), device)
-        try:
-            with torch.inference_mode():
-                ids, mask = tokenizer([k[-1] for k in missing])
-                context, _ = encoder.encode_padded(ids.to(device), mask.to(device))
-            ENCODE_CALLS["count"] += 1
-            for i, key in enumerate(missing):
-                _TEXT_CACHE[key] = context[i:i + 1].float().cpu().clone()
-        finally:
-            del encoder  # the text encoder leaves the GPU before anything else arrives
-            comfy.free_memory_cache()
+        dtype = default_dtype(comfy.compute_device())
+        name = f"UMT5 ({ckpt.name})"
+        device = stage_device(name, loading.loaded_bytes(ckpt, dtype), planner.encoder_work("t5"))
+        contexts = run_stage(name, device, lambda d: _run_t5(ckpt, [k[-1] for k in missing], dtype, d))
+        ENCODE_CALLS["count"] += 1
+        for i, key in enumerate(missing):
+            _TEXT_CACHE[key] = contexts[i:i + 1].clone()
     out = []
     for key in keys:
         _TEXT_CACHE.move_to_end(key)
@@ -55,6 +52,27 @@ def encode_prompts(ckpt: Checkpoint, prompts: list[str]) -> list[torch.Tensor]:
     while len(_TEXT_CACHE) > TEXT_CACHE_SIZE:
         _TEXT_CACHE.popitem(last=False)
     return out
+
+
+def vae_stage_device(vae: VAEHandle, width: int, height: int, encode: bool) -> torch.device:
+    """Where the VAE encodes or decodes width x height frames (see ``stages.stage_device``)."""
+    dtype = default_dtype(comfy.compute_device())
+    work = planner.encoder_work(vae.config.version, width, height, dtype, encode=encode)
+    return stage_device(f"VAE {'encode' if encode else 'decode'} ({vae.name}, {width}x{height})",
+                        loading.loaded_bytes(vae.ckpt, dtype), work)
+
+
+def _run_t5(ckpt: Checkpoint, prompts: list[str], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """UMT5 contexts [N, 512, D] (float32, CPU) of ``prompts``; the encoder is gone on return."""
+    encoder, tokenizer = loading.load_text_encoder(ckpt, dtype, device)
+    try:
+        with torch.inference_mode():
+            ids, mask = tokenizer(prompts)
+            context, _ = encoder.encode_padded(ids.to(device), mask.to(device))
+            return context.float().cpu()
+    finally:
+        del encoder  # the text encoder leaves the GPU before anything else arrives
+        comfy.free_memory_cache()
 
 
 def check_size(width: int, height: int, frames: int, unit: int = 16):
@@ -190,25 +208,23 @@ class WanFitImageToVideoEncode:
         ok = check_size(width, height, frames, unit)
         if ok is not True:
             raise ValueError(f"{ok} (VAE {vae.name}, Wan {vae.config.version})")
-        device = comfy.compute_device()
         start = fit_image(start_image, width, height)
         end = None if end_image is None else fit_image(end_image, width, height)
         if vae.config.version != "2.1" and end is not None:
             raise ValueError(f"{vae.name} is a Wan 2.2 VAE (TI2V-5B), which takes a start image only; "
                              "disconnect end_image")
-        model = loading.load_vae(vae.ckpt, default_dtype(device), device)
-        try:
-            if vae.config.version != "2.1":  # TI2V-5B: the image latent is the first latent frame
-                with torch.inference_mode():
-                    first = model.encode(start[None, :, None]).float().cpu()
-                return (ImageEmbeds(width, height, frames, first_latent=first,
-                                    source="WanFit Image-to-Video Encode (Wan 2.2 VAE)"),)
-            y = i2v_conditioning(model, start, end, frames)
-        finally:
-            del model
-            comfy.free_memory_cache()
+        device = vae_stage_device(vae, width, height, encode=True)
+        latent = run_stage(f"VAE encode ({vae.name}, {width}x{height})", device,
+                           lambda d: _vae_encode(vae, start, end, frames, d))
+        if vae.config.version != "2.1":  # TI2V-5B: the image latent is the first latent frame
+            return (ImageEmbeds(width, height, frames, first_latent=latent,
+                                source="WanFit Image-to-Video Encode (Wan 2.2 VAE)"),)
+        y = latent
         clip_fea = None
         if clip_vision is not None:
+            dtype = default_dtype(comfy.compute_device())
+            device = stage_device(f"CLIP vision ({clip_vision.name})", loading.loaded_bytes(clip_vision, dtype),
+                                  planner.encoder_work("clip"))
             encoder = loading.load_clip_vision(clip_vision, default_dtype(device), device)
             try:
                 images = [start_image[:1]] + ([end_image[:1]] if end_image is not None else [])
@@ -218,6 +234,20 @@ class WanFitImageToVideoEncode:
                 del encoder
                 comfy.free_memory_cache()
         return (ImageEmbeds(width, height, frames, y=y, clip_fea=clip_fea, source="WanFit Image-to-Video Encode"),)
+
+
+def _vae_encode(vae: VAEHandle, start: torch.Tensor, end: torch.Tensor | None, frames: int,
+                device: torch.device) -> torch.Tensor:
+    """TI2V-5B: the start image's latent; Wan 2.1 / 2.2-A14B i2v: the conditioning ``y``."""
+    model = loading.load_vae(vae.ckpt, default_dtype(device), device)
+    try:
+        if vae.config.version != "2.1":
+            with torch.inference_mode():
+                return model.encode(start[None, :, None]).float().cpu()
+        return i2v_conditioning(model, start, end, frames)
+    finally:
+        del model
+        comfy.free_memory_cache()
 
 
 NODES = {cls.__name__: cls for cls in (WanFitTextEncode, WanFitEmptyEmbeds, WanFitImageToVideoEncode)}

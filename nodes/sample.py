@@ -1,15 +1,13 @@
 """Sampler nodes: one pass of a flow-matching schedule (KSamplerAdvanced-style), and the
 two-expert Wan 2.2 A14B pass pair. The DiT is read from its file when the node runs; one model
-is held at a time, so the two experts are never both in memory."""
+is held at a time (``stages``), so the two experts are never both in memory."""
 from __future__ import annotations
 
-import gc
 import logging
 
 import torch
 
 from ..optim import loading
-from ..optim.engine import PreparedDiT, SwapSettings, prepare_dit
 from ..optim.telemetry import Telemetry
 from ..wan.denoise import Conditioning, make_denoiser
 from ..wan.sampling import sample, seeded_noise
@@ -17,6 +15,7 @@ from ..wan.schedulers import SOLVERS, boundary_step, flow_sigmas
 from . import comfy
 from .load import ModelHandle
 from .memory import JobPlan, plan_job
+from .stages import get_model, release_model
 from .types import (SCHEDULE_KEY, SOLVER_STATE_KEY, ImageEmbeds, TextEmbeds, from_comfy_latent,
                     to_comfy_latent)
 
@@ -26,30 +25,6 @@ PLAN_KEY = "wanfit_plan"
 TELEMETRY_KEY = "wanfit_telemetry"
 MAX_STEPS = 10000
 BOUNDARIES = {"i2v": 0.900, "t2v": 0.875}  # official Wan 2.2 A14B expert switch (sigma)
-
-_LOADED: dict = {"key": None, "model": None}
-
-
-def release_model() -> None:
-    """Drop the held DiT, its pinned memory and device slots, and return its memory."""
-    if _LOADED["model"] is not None:
-        _LOADED["model"].close()
-    _LOADED["key"] = _LOADED["model"] = None
-    gc.collect()
-    comfy.free_memory_cache()
-
-
-def get_model(handle: ModelHandle, swap: SwapSettings) -> PreparedDiT:
-    """The DiT for ``handle`` on the compute device, swapping as ``swap`` says; a different
-    one held before is released first, so two experts never share memory."""
-    key = (handle.key, swap)
-    if _LOADED["key"] != key:
-        release_model()
-        model = prepare_dit(handle.ckpt, comfy.compute_device(), swap, dtype=loading.DTYPES[handle.compute_dtype],
-                            weight_format=handle.weight_format, attention=handle.attention)
-        _LOADED.update(key=key, model=model)
-    return _LOADED["model"]
-
 
 def _out_of_memory(handle: ModelHandle, job: JobPlan, err: BaseException) -> RuntimeError:
     swapped = job.swap.blocks_to_swap

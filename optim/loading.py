@@ -190,6 +190,17 @@ def load_dit(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, weight_forma
                               fp8_target=target, fp8_scaled=scaled, fp8_predicate=predicate)
 
 
+def loaded_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
+    """Bytes the model in ``ckpt`` takes once loaded: fp8 tensors, scalars (fp8 scales) and
+    non-float tensors as stored, every other tensor in ``dtype``."""
+    total = 0
+    for t in ckpt.tensors.values():
+        numel = t.nbytes // t.dtype.itemsize
+        keep = fp8.is_fp8(t.dtype) or not t.dtype.is_floating_point or numel <= 1
+        total += t.nbytes if keep else numel * dtype.itemsize
+    return total
+
+
 def t5_block_linear(key: str, shape: tuple) -> bool:
     return key.startswith("blocks.") and len(shape) == 2 and ".pos_embedding." not in key
 

@@ -20,7 +20,8 @@ Everything is computed before a byte of weights is read:
   and sequential CFG costs nothing else.
 
 Encoders (UMT5, CLIP, VAE) run in their own stages with the DiT off the GPU; each goes to
-the GPU when its weights and working memory fit the budget, else it runs on the CPU. The
+the GPU when its weights and working memory fit the budget, else it runs on the CPU (the
+nodes do the same at run time against the free VRAM: ``nodes/stages.py``). The
 A14B experts take turns: the idle one stays on disk (mmap), so host RAM holds one
 expert's swapped blocks at a time.
 
@@ -52,7 +53,7 @@ ATTENTION = ("sdpa", "flash_attn", "sageattention", "math")
 # VAE working memory per pixel of one frame (times the dtype size): ComfyUI's figures for
 # the Wan VAEs (comfy/sd.py memory_used_encode / memory_used_decode), not measured here.
 _VAE_PER_PIXEL = {"2.1": (6000, 7000), "2.2": (3300, 8000)}  # (encode, decode)
-_VAE_TILES = (512, 384, 256, 192, 128)  # tile sides tried, pixels, largest first
+_VAE_HEADROOM = 1.15
 
 
 def _gib(nbytes: float) -> str:
@@ -560,9 +561,8 @@ class EncoderPlan:
 
     name: str  # "T5", "CLIP", "VAE"
     weight_bytes: int
-    work_bytes: int  # working memory at the chosen tiling
+    work_bytes: int  # working memory of the stage
     device: str  # "gpu" or "cpu"
-    tile: int | None = None  # VAE: tile side in pixels when tiled on the GPU
 
     @property
     def total(self) -> int:
@@ -643,9 +643,8 @@ class MemoryPlan:
         text.append(f"Budget {_gib(self.budget)}: sampling peaks at {_gib(self.sampling_vram)}, "
                     f"{_gib(self.budget - self.sampling_vram)} to spare.")
         for e in self.encoders:
-            tiles = f" in {e.tile}-px tiles" if e.tile else ""
             if e.name == "VAE":
-                where = f"on the GPU{tiles} once the DiT has left it" if e.device == "gpu" else "on the CPU"
+                where = "on the GPU once the DiT has left it" if e.device == "gpu" else "on the CPU"
                 text.append(f"The VAE ({_gib(e.weight_bytes)}) decodes {where}.")
             else:
                 where = "on the GPU and leaves it" if e.device == "gpu" else "on the CPU"
@@ -695,34 +694,38 @@ def _device_blocks(n: int, swapped: int, prefetch: int) -> int:
     return n - swapped + min(prefetch + 1, swapped)
 
 
+def encoder_work(kind: str, width: int = 0, height: int = 0, vae_dtype: torch.dtype = torch.bfloat16,
+                 encode: bool = False) -> int:
+    """Working memory of one encoder stage: UMT5-XXL ("t5") on 2 prompts, CLIP ViT-H ("clip")
+    on one image, or a Wan VAE ("2.1", "2.2") decoding (``encode``: encoding) width x height
+    frames in ``vae_dtype``."""
+    if kind == "t5":
+        # attention scores and position bias in float32, the gated FFN in bf16 (an estimate;
+        # small next to the weights)
+        cfg = UMT5_XXL
+        return 3 * 2 * cfg.num_heads * TEXT_LEN**2 * 4 + 4 * 2 * TEXT_LEN * cfg.d_ff * 2
+    if kind == "clip":
+        v, tokens = VIT_H_14, VIT_H_14.num_tokens
+        return 3 * v.num_heads * tokens**2 * 4 + 4 * tokens * v.mlp_dim * 2
+    return _VAE_PER_PIXEL[kind][0 if encode else 1] * vae_dtype.itemsize * width * height
+
+
+def encoder_stage(name: str, weight_bytes: int, work_bytes: int, budget: int) -> EncoderPlan:
+    """An encoder runs on the GPU (in a stage of its own, the DiT off it) when its weights and
+    working memory fit the budget, else on the CPU."""
+    return EncoderPlan(name, weight_bytes, work_bytes, "gpu" if weight_bytes + work_bytes <= budget else "cpu")
+
+
 def _place_encoders(config: WanConfig, budget: int, t5_weights: str, vae_dtype: torch.dtype,
                     width: int, height: int, image: bool) -> tuple[EncoderPlan, ...]:
-    """T5, CLIP (Wan 2.1 i2v) and the VAE: GPU when weights + working memory fit, else CPU."""
-    plans = []
-    t5_bytes = encoder_bytes("t5", t5_weights)
-    # UMT5-XXL on 2 prompts of <= 512 tokens: attention scores and position bias in float32,
-    # the gated FFN in bf16 (an estimate; it is small next to the weights).
-    cfg = UMT5_XXL
-    t5_work = 3 * 2 * cfg.num_heads * TEXT_LEN**2 * 4 + 4 * 2 * TEXT_LEN * cfg.d_ff * 2
-    plans.append(EncoderPlan("T5", t5_bytes, t5_work, "gpu" if t5_bytes + t5_work <= budget else "cpu"))
+    """T5, CLIP (Wan 2.1 i2v) and the VAE (the larger of its encode and decode stages)."""
+    plans = [encoder_stage("T5", encoder_bytes("t5", t5_weights), encoder_work("t5"), budget)]
     if config.clip:
-        clip_bytes = encoder_bytes("clip", "fp16")
-        v, tokens = VIT_H_14, VIT_H_14.num_tokens
-        clip_work = 3 * v.num_heads * tokens**2 * 4 + 4 * tokens * v.mlp_dim * 2
-        plans.append(EncoderPlan("CLIP", clip_bytes, clip_work, "gpu" if clip_bytes + clip_work <= budget else "cpu"))
-    vae = vae_config(config)
-    vae_bytes = encoder_bytes(vae.version, {torch.float32: "fp32", torch.float16: "fp16"}.get(vae_dtype, "bf16"))
-    per_px = max(_VAE_PER_PIXEL[vae.version][1], _VAE_PER_PIXEL[vae.version][0] if image else 0)
-    per_px *= vae_dtype.itemsize
-    plan = EncoderPlan("VAE", vae_bytes, per_px * width * height, "cpu")
-    if vae_bytes + plan.work_bytes <= budget:
-        plan = dataclasses.replace(plan, device="gpu")
-    else:
-        for side in _VAE_TILES:
-            if side * side < width * height and vae_bytes + per_px * side * side <= budget:
-                plan = EncoderPlan("VAE", vae_bytes, per_px * side * side, "gpu", side)
-                break
-    plans.append(plan)
+        plans.append(encoder_stage("CLIP", encoder_bytes("clip", "fp16"), encoder_work("clip"), budget))
+    vae = vae_config(config).version
+    work = max(encoder_work(vae, width, height, vae_dtype, encode=e) for e in {False, image})
+    storage = {torch.float32: "fp32", torch.float16: "fp16"}.get(vae_dtype, "bf16")
+    plans.append(encoder_stage("VAE", encoder_bytes(vae, storage), work, budget))
     return tuple(plans)
 
 

@@ -42,3 +42,21 @@ def test_widgets_carry_tooltips(comfy_server):
                 if widget and not (len(spec) > 1 and spec[1].get("tooltip")):
                     missing.append(f"{name}.{key}")
     assert not missing, missing
+
+
+def test_model_management_has_what_the_adapter_calls():
+    """nodes/comfy.py calls these ComfyUI functions (some only on a GPU, which CI lacks):
+    each must exist with a compatible signature in the ComfyUI under test."""
+    import ast
+
+    from comfy_server import find_comfyui
+
+    root = find_comfyui()
+    if root is None:
+        pytest.skip("no ComfyUI checkout")
+    tree = ast.parse((root / "comfy" / "model_management.py").read_text())
+    params = {f.name: [a.arg for a in f.args.args] for f in tree.body if isinstance(f, ast.FunctionDef)}
+    assert params["get_free_memory"][:1] == ["dev"]
+    assert params["free_memory"][:2] == ["memory_required", "device"]
+    for name in ("get_torch_device", "soft_empty_cache", "throw_exception_if_processing_interrupted"):
+        assert name in params, name

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_nodes import _image_embeds, _model, _text, models, no_comfy  # noqa: F401 - shared fixtures
-from wanfit.nodes import memory, sample
+from wanfit.nodes import memory, sample, stages
 from wanfit.optim import planner
 
 HIGH = "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"
@@ -46,7 +46,7 @@ def test_too_small_budget_fails_before_loading_and_names_the_minimum():
     with pytest.raises(planner.PlanError, match=r"GiB") as err:
         _sample(handle, embeds)
     assert err.value.min_budget > 1e-4 * 2**30
-    assert sample._LOADED["model"] is None  # nothing was loaded
+    assert stages._LOADED["model"] is None  # nothing was loaded
 
 
 def test_out_of_memory_in_a_step_releases_and_names_the_knobs(monkeypatch):
@@ -66,7 +66,7 @@ def test_out_of_memory_in_a_step_releases_and_names_the_knobs(monkeypatch):
     with pytest.raises(RuntimeError, match=r"out of GPU memory .* lower frames or resolution, raise "
                                            r"blocks_to_swap .* fp8_e4m3fn_scaled\. Memory was released"):
         _sample(model, embeds)
-    assert sample._LOADED["model"] is None
+    assert stages._LOADED["model"] is None
 
 
 def test_latent_carries_the_job_telemetry():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import factory
-from wanfit.nodes import comfy, decode, encode, load, sample
+from wanfit.nodes import comfy, decode, encode, load, sample, stages
 from wanfit.nodes.types import SOLVER_STATE_KEY
 
 NAMES = ["wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors",
@@ -38,7 +38,7 @@ def no_comfy(monkeypatch, models):
     monkeypatch.setattr(comfy, "list_models", lambda kind: sorted(folder))
     monkeypatch.setattr(comfy, "model_path", lambda kind, name: str(folder[name]))
     yield bars
-    sample.release_model()
+    stages.release_model()
 
 
 def _model(name, **kw):
@@ -150,7 +150,7 @@ def test_two_samplers_equal_one_two_pass_run(no_comfy, solver):
     a = s.run(high, text, embeds, steps, 3.5, 5.0, seed, solver, 0, k, True, True)[0]
     assert SOLVER_STATE_KEY in a
     b = s.run(low, text, embeds, steps, 3.5, 5.0, seed, solver, k, steps, False, False, latent=a)[0]
-    assert sample._LOADED["key"][0] == low.key  # the high expert was released first
+    assert stages._LOADED["key"][0] == low.key  # the high expert was released first
     two = sample.WanFitTwoPassSampler().run(high, low, text, embeds, steps, 3.5, 3.5, 5.0, seed, solver,
                                             "step", k, 0.0)[0]
     assert b["samples"].shape == (1, 16, 2, 4, 4)
@@ -177,7 +177,7 @@ def test_cancel_releases_the_model(monkeypatch):
     empty = encode.WanFitEmptyEmbeds().embeds(32, 32, 5)[0]
     with pytest.raises(KeyboardInterrupt):
         sample.WanFitSampler().run(_model(NAMES[2]), _text(), empty, 3, 3.0, 5.0, 0, "unipc", 0, 3, True, False)
-    assert sample._LOADED["model"] is None
+    assert stages._LOADED["model"] is None
 
 
 def test_ti2v_start_image_is_the_first_latent_frame(models, tmp_path, monkeypatch):
@@ -200,3 +200,59 @@ def test_ti2v_start_image_is_the_first_latent_frame(models, tmp_path, monkeypatc
         sample.WanFitSampler().run(_model(NAMES[2]), _text(), embeds, 2, 5.0, 5.0, 3, "unipc", 0, 2, True, False)
     frames = decode.WanFitVAEDecode().decode(vae, out)[0]
     assert frames.shape == (9, 32, 32, 3)
+
+
+def test_decode_node_equals_the_vae_decode():
+    """Chunk by chunk off the device, the node's frames are exactly WanVAE.decode's."""
+    vae = load.WanFitVAELoader().load("wan_2.1_vae.safetensors")[0]
+    latent = torch.randn(2, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    frames = decode.WanFitVAEDecode().decode(vae, {"samples": latent})[0]
+    from wanfit.nodes.types import from_comfy_latent
+    from wanfit.optim import loading
+    model = loading.load_vae(vae.ckpt, torch.float32, "cpu")
+    x = from_comfy_latent(latent)
+    video = torch.cat([model.decode(x[i:i + 1]) for i in range(2)])  # [B, 3, F, H, W]
+    expected = ((video.permute(0, 2, 3, 4, 1) + 1) / 2).clamp(0, 1).flatten(0, 1)
+    assert frames.shape == (2 * 9, 32, 48, 3) and torch.equal(frames, expected)
+
+
+def test_encoders_run_where_their_stage_says(monkeypatch):
+    """Each encoder asks ``stage_device`` for its weights + working memory and loads there."""
+    calls = []
+
+    def record(name, weight_bytes, work_bytes):
+        calls.append((name.split(" ")[0], weight_bytes, work_bytes))
+        return torch.device("cpu")
+    monkeypatch.setattr(encode, "stage_device", record)
+    encode._TEXT_CACHE.clear()
+    _text()
+    embeds = _image_embeds(frames=5, size=32)
+    vae = load.WanFitVAELoader().load("wan_2.1_vae.safetensors")[0]
+    out = sample.WanFitSampler().run(_model(NAMES[0]), _text(), embeds, 2, 3.0, 5.0, 0, "unipc", 0, 2,
+                                     True, False)[0]
+    decode.WanFitVAEDecode().decode(vae, out)
+    from wanfit.optim import loading, planner
+    te = load.WanFitTextEncoderLoader().load("umt5_xxl_fp8_e4m3fn_scaled.safetensors")[0]
+    assert [c[0] for c in calls] == ["UMT5", "VAE", "VAE"]
+    assert calls[0][1:] == (loading.loaded_bytes(te, torch.float32), planner.encoder_work("t5"))
+    assert calls[1][2] == planner.encoder_work("2.1", 32, 32, torch.float32, encode=True)
+    assert calls[2][2] == planner.encoder_work("2.1", 32, 32, torch.float32)
+
+
+def test_decode_out_of_gpu_memory_reruns_on_the_cpu(monkeypatch):
+    """A GPU stage that runs out of memory despite its estimate finishes on the CPU."""
+    vae = load.WanFitVAELoader().load("wan_2.1_vae.safetensors")[0]
+    latent = {"samples": torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1))}
+    expected = decode.WanFitVAEDecode().decode(vae, latent)[0]
+    from wanfit.optim import loading
+    real, devices = loading.load_vae, []
+
+    def load_vae(ckpt, dtype, device):
+        devices.append(torch.device(device).type)
+        if torch.device(device).type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(ckpt, dtype, device)
+    monkeypatch.setattr(decode, "vae_stage_device", lambda *a, **k: torch.device("cuda", 0))
+    monkeypatch.setattr(loading, "load_vae", load_vae)
+    assert torch.equal(decode.WanFitVAEDecode().decode(vae, latent)[0], expected)
+    assert devices == ["cuda", "cpu"]
