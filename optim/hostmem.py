@@ -8,6 +8,13 @@ bound for the anonymous part).
 
 The kernel keeps a peak for the whole RSS (``VmHWM``) but not for its anonymous part, so
 :class:`PeakSampler` polls from a daemon thread (one small read per sample, tens of us).
+
+:func:`allocation_peak` measures tensors rather than pages: torch's CPU allocator reports
+every allocation and free to the profiler when ``profile_memory=True`` (``[memory]`` events
+with signed byte counts). Summed in time order they give the bytes allocated inside a call
+and still alive, whose maximum is what the call added on top of what existed before: the CPU
+counterpart of ``torch.cuda.max_memory_allocated`` minus the starting allocation, not blurred
+by glibc's heap, page granularity or oneDNN scratch buffers.
 """
 from __future__ import annotations
 
@@ -23,6 +30,21 @@ T = TypeVar("T")
 _STATUS = "/proc/self/status"
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
 _FIELDS = re.compile(rb"^(VmRSS|RssAnon):\s+(\d+) kB", re.MULTILINE)
+
+
+def allocation_peak(fn: Callable[[], Any]) -> int:
+    """Peak bytes of CPU tensors allocated by ``fn`` above what was live before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def read_rss() -> tuple[int | None, int | None]:

@@ -52,7 +52,11 @@ ACTIVATION_MARGIN = 0.10  # of the activation peak: caching-allocator fragmentat
 ATTENTION = ("sdpa", "flash_attn", "sageattention", "math")
 # VAE working memory per pixel of one frame (times the dtype size): ComfyUI's figures for
 # the Wan VAEs (comfy/sd.py memory_used_encode / memory_used_decode), not measured here.
-_VAE_PER_PIXEL = {"2.1": (6000, 7000), "2.2": (3300, 8000)}  # (encode, decode)
+# VAE working memory, bytes per output pixel per byte of the compute dtype, (encode, decode):
+# the tensors of the full-size VAEs, measured by bench/vae_memory.py (the most over 256x128
+# and 512x256; ComfyUI's own estimates are 1.3-1.6x these). The headroom is for what a GPU
+# adds (cuDNN workspaces, caching-allocator slack); it is a guess until measured on one.
+_VAE_PER_PIXEL = {"2.1": (4600, 5500), "2.2": (2100, 5900)}
 _VAE_HEADROOM = 1.15
 
 
@@ -707,7 +711,8 @@ def encoder_work(kind: str, width: int = 0, height: int = 0, vae_dtype: torch.dt
     if kind == "clip":
         v, tokens = VIT_H_14, VIT_H_14.num_tokens
         return 3 * v.num_heads * tokens**2 * 4 + 4 * tokens * v.mlp_dim * 2
-    return _VAE_PER_PIXEL[kind][0 if encode else 1] * vae_dtype.itemsize * width * height
+    per_pixel = _VAE_PER_PIXEL[kind][0 if encode else 1] * _VAE_HEADROOM
+    return int(per_pixel * vae_dtype.itemsize * width * height)
 
 
 def encoder_stage(name: str, weight_bytes: int, work_bytes: int, budget: int) -> EncoderPlan:

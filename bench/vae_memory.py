@@ -1,0 +1,88 @@
+"""VAE working memory per output pixel, measured: what the memory plan budgets for a VAE stage.
+
+Builds the full-size Wan 2.1 and Wan 2.2 VAEs (random weights, float32, CPU) and measures
+the peak bytes of tensors each call allocates above the weights and inputs
+(``hostmem.allocation_peak``: the CPU allocator's own accounting, the counterpart of
+``torch.cuda.max_memory_allocated``):
+
+- decode: a latent of 3 frames (1 + 4 + 4 video frames, decoded one latent frame at a time
+  with the causal cache, as ``WanVAE.decode``);
+- encode: 9 video frames (1, then chunks of 4, as ``WanVAE.encode``).
+
+Both are divided by width x height x 4 (float32): bytes per output pixel per byte of the
+compute dtype, the unit of ``planner._VAE_PER_PIXEL``. The planner adds its
+``_VAE_HEADROOM`` on top for what the CPU allocator does not see on a GPU (cuDNN workspaces,
+caching-allocator slack); that factor has not been measured on a GPU yet.
+
+The last line of stdout is a JSON object with every figure and the planner's constants.
+
+    python bench/vae_memory.py [--width 256] [--height 128] [--versions 2.1,2.2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_pack():
+    """The pack as ``wanfit``, registered as the tests do (tests/pack.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from pack import register
+
+    register()
+
+
+def measure(version: str, width: int, height: int) -> dict:
+    """Decode and encode peaks of one full-size VAE, per output pixel per dtype byte."""
+    from wanfit.optim.hostmem import allocation_peak
+    from wanfit.wan.vae_common import Wan21VAEConfig, Wan22VAEConfig, build_vae
+
+    config = Wan21VAEConfig() if version == "2.1" else Wan22VAEConfig()
+    unit = config.spatial_compression
+    torch.manual_seed(0)
+    vae = build_vae(config).eval()
+    latent = torch.randn(1, config.z_dim, 3, height // unit, width // unit)
+    video = torch.rand(1, 3, 9, height, width) * 2 - 1
+    pixels = width * height * 4  # float32
+    out = {}
+    for name, call in (("decode", lambda: vae.decode(latent)), ("encode", lambda: vae.encode(video))):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            peak = allocation_peak(call)
+        out[name] = {"peak_bytes": peak, "per_pixel": round(peak / pixels, 1),
+                     "seconds": round(time.perf_counter() - start, 1)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--height", type=int, default=128)
+    parser.add_argument("--versions", default="2.1,2.2")
+    args = parser.parse_args()
+    _import_pack()
+    from wanfit.optim import planner
+
+    torch.set_num_threads(min(torch.get_num_threads(), 4))
+    report = {"width": args.width, "height": args.height, "unit": "bytes per output pixel per dtype byte",
+              "headroom": planner._VAE_HEADROOM, "versions": {}}
+    for version in args.versions.split(","):
+        measured = measure(version, args.width, args.height)
+        encode, decode = planner._VAE_PER_PIXEL[version]
+        measured["planner"] = {"encode": encode, "decode": decode}
+        report["versions"][version] = measured
+        print(f"Wan {version} VAE at {args.width}x{args.height}: decode {measured['decode']['per_pixel']:.0f}, "
+              f"encode {measured['encode']['per_pixel']:.0f} B/px per dtype byte "
+              f"(planner: {decode}, {encode}; x{planner._VAE_HEADROOM} headroom)")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
