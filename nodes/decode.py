@@ -5,10 +5,8 @@ import torch
 
 from ..optim import loading
 from ..wan.vae_common import FeatureCache, time_chunks
-from . import comfy
-from .encode import vae_stage_device
+from . import comfy, stages
 from .load import VAEHandle
-from .stages import run_stage
 from .types import default_dtype, from_comfy_latent
 
 
@@ -35,8 +33,8 @@ class WanFitVAEDecode:
         x = from_comfy_latent(samples)
         scale = vae.config.spatial_compression
         width, height = x.shape[-1] * scale, x.shape[-2] * scale
-        device = vae_stage_device(vae, width, height, encode=False)
-        frames = run_stage(f"VAE decode ({vae.name}, {width}x{height})", device, lambda d: _decode(vae, x, d))
+        device = stages.vae_stage_device(vae, width, height, encode=False)
+        frames = stages.run_stage(f"VAE decode ({vae.name}, {width}x{height})", device, lambda d: _decode(vae, x, d))
         return (torch.cat(frames),)
 
 

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 from ..optim import loading, planner
 from ..wan.checkpoint import Checkpoint
-from . import comfy
+from . import comfy, stages
 from .load import VAEHandle
-from .stages import run_stage, stage_device
 from .types import ImageEmbeds, TextEmbeds, default_dtype
 
 CATEGORY = "WanFit/conditioning"
@@ -40,8 +39,8 @@ def encode_prompts(ckpt: Checkpoint, prompts: list[str]) -> list[torch.Tensor]:
     if missing:
         dtype = default_dtype(comfy.compute_device())
         name = f"UMT5 ({ckpt.name})"
-        device = stage_device(name, loading.loaded_bytes(ckpt, dtype), planner.encoder_work("t5"))
-        contexts = run_stage(name, device, lambda d: _run_t5(ckpt, [k[-1] for k in missing], dtype, d))
+        device = stages.stage_device(name, loading.loaded_bytes(ckpt, dtype), planner.encoder_work("t5"))
+        contexts = stages.run_stage(name, device, lambda d: _run_t5(ckpt, [k[-1] for k in missing], dtype, d))
         ENCODE_CALLS["count"] += 1
         for i, key in enumerate(missing):
             _TEXT_CACHE[key] = contexts[i:i + 1].clone()
@@ -52,14 +51,6 @@ def encode_prompts(ckpt: Checkpoint, prompts: list[str]) -> list[torch.Tensor]:
     while len(_TEXT_CACHE) > TEXT_CACHE_SIZE:
         _TEXT_CACHE.popitem(last=False)
     return out
-
-
-def vae_stage_device(vae: VAEHandle, width: int, height: int, encode: bool) -> torch.device:
-    """Where the VAE encodes or decodes width x height frames (see ``stages.stage_device``)."""
-    dtype = default_dtype(comfy.compute_device())
-    work = planner.encoder_work(vae.config.version, width, height, dtype, encode=encode)
-    return stage_device(f"VAE {'encode' if encode else 'decode'} ({vae.name}, {width}x{height})",
-                        loading.loaded_bytes(vae.ckpt, dtype), work)
 
 
 def _run_t5(ckpt: Checkpoint, prompts: list[str], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -213,8 +204,8 @@ class WanFitImageToVideoEncode:
         if vae.config.version != "2.1" and end is not None:
             raise ValueError(f"{vae.name} is a Wan 2.2 VAE (TI2V-5B), which takes a start image only; "
                              "disconnect end_image")
-        device = vae_stage_device(vae, width, height, encode=True)
-        latent = run_stage(f"VAE encode ({vae.name}, {width}x{height})", device,
+        device = stages.vae_stage_device(vae, width, height, encode=True)
+        latent = stages.run_stage(f"VAE encode ({vae.name}, {width}x{height})", device,
                            lambda d: _vae_encode(vae, start, end, frames, d))
         if vae.config.version != "2.1":  # TI2V-5B: the image latent is the first latent frame
             return (ImageEmbeds(width, height, frames, first_latent=latent,
@@ -223,7 +214,7 @@ class WanFitImageToVideoEncode:
         clip_fea = None
         if clip_vision is not None:
             dtype = default_dtype(comfy.compute_device())
-            device = stage_device(f"CLIP vision ({clip_vision.name})", loading.loaded_bytes(clip_vision, dtype),
+            device = stages.stage_device(f"CLIP vision ({clip_vision.name})", loading.loaded_bytes(clip_vision, dtype),
                                   planner.encoder_work("clip"))
             encoder = loading.load_clip_vision(clip_vision, default_dtype(device), device)
             try:

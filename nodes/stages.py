@@ -15,10 +15,11 @@ from typing import TypeVar
 
 import torch
 
-from ..optim import loading
+from ..optim import loading, planner
 from ..optim.engine import PreparedDiT, SwapSettings, prepare_dit
 from . import comfy
-from .load import ModelHandle
+from .load import ModelHandle, VAEHandle
+from .types import default_dtype
 
 T = TypeVar("T")
 log = logging.getLogger("WanFit")
@@ -69,6 +70,14 @@ def stage_device(name: str, weight_bytes: int, work_bytes: int) -> torch.device:
     log.warning("WanFit: %s needs %.1f GiB on %s and %.1f GiB is free: it runs on the CPU (slower)",
                 name, need / GIB, device, free / GIB)
     return torch.device("cpu")
+
+
+def vae_stage_device(vae: VAEHandle, width: int, height: int, encode: bool) -> torch.device:
+    """Where the VAE encodes or decodes width x height frames (see ``stages.stage_device``)."""
+    dtype = default_dtype(comfy.compute_device())
+    work = planner.encoder_work(vae.config.version, width, height, dtype, encode=encode)
+    return stage_device(f"VAE {'encode' if encode else 'decode'} ({vae.name}, {width}x{height})",
+                        loading.loaded_bytes(vae.ckpt, dtype), work)
 
 
 def run_stage(name: str, device: torch.device, run: Callable[[torch.device], T]) -> T:

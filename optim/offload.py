@@ -390,9 +390,9 @@ class BlockSwapper:
         self.stats.pinned_blocks = len(self._pinned)
         self.stats.staged = bool(self._staging)
         self.stats.pinned_bytes = (len(self._pinned) + len(self._staging)) * nbytes
-        self.stats.device_bytes = (sum(t.nbytes for i in range(resident) for t in self._tensors[i])
-                                   if resident_placed else sum(x.nbytes for x in self._resident_buffers)
-                                   ) + self.slots * nbytes
+        resident_bytes = (sum(t.nbytes for i in range(resident) for t in self._tensors[i]) if resident_placed
+                          else sum(x.nbytes for x in self._resident_buffers))
+        self.stats.device_bytes = resident_bytes + self.slots * nbytes
         self._closed = False
 
     def _place_resident(self, i: int) -> Tensor:

@@ -223,7 +223,7 @@ def test_encoders_run_where_their_stage_says(monkeypatch):
     def record(name, weight_bytes, work_bytes):
         calls.append((name.split(" ")[0], weight_bytes, work_bytes))
         return torch.device("cpu")
-    monkeypatch.setattr(encode, "stage_device", record)
+    monkeypatch.setattr(stages, "stage_device", record)
     encode._TEXT_CACHE.clear()
     _text()
     embeds = _image_embeds(frames=5, size=32)
@@ -252,7 +252,7 @@ def test_decode_out_of_gpu_memory_reruns_on_the_cpu(monkeypatch):
         if torch.device(device).type == "cuda":
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real(ckpt, dtype, device)
-    monkeypatch.setattr(decode, "vae_stage_device", lambda *a, **k: torch.device("cuda", 0))
+    monkeypatch.setattr(stages, "vae_stage_device", lambda *a, **k: torch.device("cuda", 0))
     monkeypatch.setattr(loading, "load_vae", load_vae)
     assert torch.equal(decode.WanFitVAEDecode().decode(vae, latent)[0], expected)
     assert devices == ["cuda", "cpu"]
