@@ -152,7 +152,7 @@ def step(prepared, inputs: list[dict]) -> None:
     model = prepared.model
     for kwargs in inputs:
         state = model.embed(kwargs["x"], kwargs["t"], kwargs["context"], None, kwargs["y"])
-        prepared.run_blocks(state, 0)
+        prepared.run_blocks(state)
         model.unembed(state)
 
 

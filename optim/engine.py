@@ -14,6 +14,7 @@ import torch
 
 from ..wan.checkpoint import Checkpoint
 from ..wan.detect import detect_dit_config
+from ..wan.denoise import DiTCall
 from ..wan.model import WanModel, WanState
 from . import loading
 from .offload import Backend, BlockSwapper, OnCallOffload, SwapStats, offload_on_call
@@ -40,7 +41,7 @@ class PreparedDiT:
     swapper: BlockSwapper | None = None
     offloads: list[OnCallOffload] = field(default_factory=list)
 
-    def run_blocks(self, state: WanState, step: int) -> WanState:
+    def run_blocks(self, state: WanState, call: DiTCall | None = None) -> WanState:
         if self.swapper is not None:
             return self.swapper.run_blocks(state)
         for block in self.model.blocks:

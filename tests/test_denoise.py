@@ -45,12 +45,16 @@ def test_run_blocks_hook_is_used():
     model, pos, neg = _setup()
     calls = []
 
-    def run(state, step):
-        calls.append(step)
+    def run(state, call):
+        calls.append((call.step, call.sigma, call.branches))
         for block in model.blocks:
             state.x = block(state.x, **state.block_kwargs)
         return state
 
     with torch.no_grad():
         make_denoiser(model, pos, neg, 2.0, run_blocks=run)(torch.randn(1, 16, 2, 4, 4), 0.5, 7)
-    assert calls == [7]
+    assert calls == [(7, 0.5, ("cond", "uncond"))]
+    calls.clear()
+    with torch.no_grad():
+        make_denoiser(model, pos, neg, 2.0, batch_cfg=False, run_blocks=run)(torch.randn(1, 16, 2, 4, 4), 0.5, 3)
+    assert calls == [(3, 0.5, ("cond",)), (3, 0.5, ("uncond",))]

@@ -56,7 +56,7 @@ def test_out_of_memory_in_a_step_releases_and_names_the_knobs(monkeypatch):
     def oom_model(handle, swap):
         prepared = real(handle, swap)
 
-        def raise_oom(state, step):
+        def raise_oom(state, call):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
         monkeypatch.setattr(prepared, "run_blocks", raise_oom)

@@ -3,12 +3,13 @@
 Classifier-free guidance runs cond and uncond as one batch of two (one pass through the
 blocks, so block swap moves each block once per step) or one after the other (half the
 activation memory). ``run_blocks`` is the hook where the memory engine and step caches take
-over the block stack; by default the blocks run in order on the model's own device.
+over the block stack; by default the blocks run in order on the model's own device. Each
+call says what it computes (``DiTCall``: step, sigma, the branch of each batch row).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -16,12 +17,24 @@ from torch import Tensor
 from .model import WanModel, WanState
 from .sampling import Denoise
 
-RunBlocks = Callable[[WanState, int], WanState]
-"""``run_blocks(state, step_index) -> state`` with ``state.x`` passed through every block."""
+
+@dataclass(frozen=True)
+class DiTCall:
+    """What one call of the block stack computes, for hooks that keep state across calls
+    (step caches keep one state per branch and per context window)."""
+
+    step: int  # index in the whole schedule (both passes of a two-pass job)
+    sigma: float
+    branches: tuple[str, ...] = ("cond",)  # one per batch row: "cond" or "uncond"
+    window: int | None = None  # context window index, None when the whole video runs at once
+
+
+RunBlocks = Callable[[WanState, DiTCall], WanState]
+"""``run_blocks(state, call) -> state`` with ``state.x`` passed through every block."""
 
 
 def run_all_blocks(model: WanModel) -> RunBlocks:
-    def run(state: WanState, step: int) -> WanState:
+    def run(state: WanState, call: DiTCall) -> WanState:
         for block in model.blocks:
             state.x = block(state.x, **state.block_kwargs)
         return state
@@ -56,7 +69,8 @@ def make_denoiser(model: WanModel, positive: Conditioning, negative: Conditionin
     device = model.patch_embedding.weight.device
     _, ph, pw = model.config.patch_size
 
-    def forward(x: Tensor, sigma: float, step: int, context: Tensor, y, clip_fea) -> Tensor:
+    def forward(x: Tensor, call: DiTCall, context: Tensor, y, clip_fea) -> Tensor:
+        sigma = call.sigma
         b, _, f, h, w = x.shape
         if first_latent is None:
             t = torch.full((b,), sigma * 1000.0, device=device)
@@ -67,7 +81,7 @@ def make_denoiser(model: WanModel, positive: Conditioning, negative: Conditionin
             t = t.flatten(1)
         state = model.embed(x.to(device), t, context.to(device),
                             None if clip_fea is None else clip_fea.to(device), None if y is None else y.to(device))
-        return model.unembed(run(state, step)).to(x.device)
+        return model.unembed(run(state, call)).to(x.device)
 
     def guided(x: Tensor, sigma: float, step: int) -> Tensor:
         velocity = denoise(x, sigma, step)
@@ -75,17 +89,17 @@ def make_denoiser(model: WanModel, positive: Conditioning, negative: Conditionin
         return velocity
 
     def denoise(x: Tensor, sigma: float, step: int) -> Tensor:
-        p = positive
+        p, call = positive, DiTCall(step, sigma)
         if negative is None or cfg == 1.0:
-            return forward(x, sigma, step, p.context, p.y, p.clip_fea)
+            return forward(x, call, p.context, p.y, p.clip_fea)
         n = negative
         if batch_cfg:
-            both = forward(torch.cat([x, x]), sigma, step, torch.cat([p.context, n.context]),
-                           _cat(p.y, n.y), _cat(p.clip_fea, n.clip_fea))
+            both = forward(torch.cat([x, x]), replace(call, branches=("cond", "uncond")),
+                           torch.cat([p.context, n.context]), _cat(p.y, n.y), _cat(p.clip_fea, n.clip_fea))
             cond, uncond = both.chunk(2)
         else:
-            cond = forward(x, sigma, step, p.context, p.y, p.clip_fea)
-            uncond = forward(x, sigma, step, n.context, n.y if n.y is not None else p.y,
+            cond = forward(x, call, p.context, p.y, p.clip_fea)
+            uncond = forward(x, replace(call, branches=("uncond",)), n.context, n.y if n.y is not None else p.y,
                              n.clip_fea if n.clip_fea is not None else p.clip_fea)
         return uncond + cfg * (cond - uncond)
 
