@@ -44,9 +44,7 @@ class PreparedDiT:
     def run_blocks(self, state: WanState, call: DiTCall | None = None) -> WanState:
         if self.swapper is not None:
             return self.swapper.run_blocks(state)
-        for block in self.model.blocks:
-            state.x = block(state.x, **state.block_kwargs)
-        return state
+        return self.model.run_blocks(state)
 
     def swap_stats(self) -> SwapStats | None:
         return self.swapper.telemetry() if self.swapper is not None else None

@@ -5,13 +5,14 @@ Everything is computed before a byte of weights is read:
 - weights: exact bytes per block from a meta-device ``WanModel`` with the fp8 layer rule
   (``fp8.should_quantize``) applied, packed as ``BlockSwapper`` packs them (each tensor
   256-byte aligned), plus the weights outside the blocks (embeddings, projections, head);
-- activations: a replay of the DiT forward's allocations in program order (``_Tape``):
-  every tensor ``wan/model.py`` creates, at its size and dtype, freed where CPython frees
-  it. The peak of that replay is the activation peak; on CPU it equals the allocator's
-  measured peak byte for byte in every case tests/test_planner.py runs. Which attention
-  kernel runs matters: flash / memory-efficient kernels are O(L); SDPA's math fallback
-  materialises L x L scores. The replay assumes the block loop drops each block's input
-  once the next block has it, as ``WanModel.forward`` does;
+- activations: the model's own forward (``WanModel.forward``, two blocks, the loader's
+  layer types) run on fake tensors under ``memtrace.LiveBytes``, which counts every
+  storage the code creates and frees, in program order: nothing about the forward is
+  restated here, so a change to wan/model.py (or a hook in ``run_blocks``) moves the plan by
+  itself. The host-side inputs (timestep sinusoids, RoPE, TI2V's runs) are passed in,
+  since fake tensors carry no values. What the trace cannot see is a kernel's scratch:
+  one named term per kernel (``_kernel_terms``). Which attention kernel runs matters:
+  flash / memory-efficient kernels are O(L); SDPA's math fallback materialises L x L scores;
 - the plan: the smallest number of swapped blocks such that non-block weights + resident
   blocks + swap slots + activations (with a margin for allocator fragmentation) fit the
   budget. CFG runs cond and uncond as one batch of 2 unless running them one after the
@@ -31,19 +32,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..wan.clip_vision import VIT_H_14, ClipVisionEncoder
-from ..wan.model import PRESETS, WanConfig, WanModel
+from ..wan.model import PRESETS, HostInputs, WanConfig, WanModel
 from ..wan.t5 import TEXT_LEN, UMT5_XXL, UMT5Encoder
 from ..wan.vae_common import WAN21_VAE, WAN22_VAE, VAEConfig, build_vae
-from . import fp8
+from . import fp8, memtrace
 from .loading import DTYPES, WEIGHT_FORMATS, t5_block_linear
+from .memtrace import Live
 from .offload import BlockLayout, state_tensors
 
 GIB = 2**30
@@ -122,24 +123,34 @@ def _meta_bytes(module: nn.Module) -> int:
     return sum(t.nbytes for t in state_tensors(module))
 
 
+def _build_dit(config: WanConfig, weights: str, dtype: torch.dtype) -> WanModel:
+    """``config`` as ``loading.load_dit`` builds it for ``weights``, on the current default
+    device (meta, or fake tensors): the Linears passing ``fp8.should_quantize`` become
+    ``FP8Linear`` (fp8 weight, float32 scale, bias in ``dtype``) for fp8 formats; every other
+    tensor is in ``dtype``."""
+    fp8_dtype, _ = _storage(weights, dtype)
+    model = WanModel(config).to(dtype)
+    if fp8_dtype is not None:
+        for path, layer in list(model.named_modules()):
+            if type(layer) is nn.Linear and fp8.should_quantize(f"{path}.weight", layer.weight.shape):
+                parent, _, name = path.rpartition(".")
+                setattr(model.get_submodule(parent), name, fp8.FP8Linear(
+                    layer.in_features, layer.out_features, layer.bias is not None, fp8_dtype, dtype))
+    return model
+
+
 @functools.lru_cache(maxsize=64)
 def dit_weights(config: WanConfig, weights: str = "bf16", compute_dtype: torch.dtype | None = None) -> DitWeights:
     """Exact weight bytes of ``config`` stored as ``weights`` (a ``loading.WEIGHT_FORMATS`` name).
 
-    Built on the meta device, as ``loading.load_dit`` builds it: fp8 formats turn the Linear
-    layers passing ``fp8.should_quantize`` into ``FP8Linear`` (fp8 weight, float32 scale,
-    bias in the compute dtype); every other tensor is in the compute dtype.
+    Built on the meta device, as ``loading.load_dit`` builds it (``_build_dit``); one block
+    stands for all of them.
     """
-    fp8_dtype, dtype = _storage(weights, compute_dtype)
+    _, dtype = _storage(weights, compute_dtype)
     with torch.device("meta"):
-        model = WanModel(dataclasses.replace(config, num_layers=1)).to(dtype)  # blocks are alike
-        largest = 0
-        for path, layer in list(model.named_modules()):
-            if type(layer) is nn.Linear and fp8_dtype and fp8.should_quantize(f"{path}.weight", layer.weight.shape):
-                parent, _, name = path.rpartition(".")
-                setattr(model.get_submodule(parent), name, fp8.FP8Linear(
-                    layer.in_features, layer.out_features, layer.bias is not None, fp8_dtype, dtype))
-                largest = max(largest, layer.weight.numel() * dtype.itemsize)
+        model = _build_dit(dataclasses.replace(config, num_layers=1), weights, dtype)
+    largest = max((m.weight.numel() * dtype.itemsize for m in model.modules() if isinstance(m, fp8.FP8Linear)),
+                  default=0)
     block = model.blocks[0]
     return DitWeights(block=BlockLayout(state_tensors(block)).nbytes, block_params=_meta_bytes(block),
                       num_blocks=config.num_layers, other=_meta_bytes(model) - _meta_bytes(block),
@@ -181,35 +192,6 @@ def attention_kernel(attention: str, device_type: str, dtype: torch.dtype, head_
     return {"flash_attn": "flash", "sageattention": "sage", "math": "math"}[attention]
 
 
-class _Tape:
-    """Live bytes as a forward allocates and frees tensors in program order, and their peak
-    since the last ``mark``."""
-
-    def __init__(self) -> None:
-        self.live = self.peak = 0
-        self._sizes: dict[int, int] = {}
-        self._keys = itertools.count()
-
-    def new(self, nbytes: int) -> int:
-        key = next(self._keys)
-        self._sizes[key] = nbytes
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-        return key
-
-    def size(self, *keys: int) -> int:
-        return sum(self._sizes[k] for k in keys)
-
-    def mark(self) -> int:
-        """The peak since the previous mark; the next peak starts from what is live now."""
-        peak, self.peak = self.peak, self.live
-        return peak
-
-    def free(self, *keys: int) -> None:
-        for key in keys:
-            self.live -= self._sizes.pop(key)
-
-
 @dataclass(frozen=True)
 class Activations:
     """Activation bytes of one DiT forward at ``tokens`` tokens and batch ``batch``."""
@@ -222,331 +204,158 @@ class Activations:
     peak: int  # the whole forward's peak: embed, the blocks, head and unpatchify
     phase: str  # where ``peak`` happens
     residual: int  # the float32 residual stream [B, L, dim] between blocks
+    terms: tuple[tuple[str, int], ...] = ()  # kernel terms included in the peak phase (name, bytes)
+    at_peak: tuple[Live, ...] = ()  # the tensors live at the peak, largest first
+    phases: tuple[memtrace.Phase, ...] = ()  # the trace, phase by phase (PHASES)
 
 
-@dataclass
-class _Forward:
-    """Replays ``WanModel.forward``'s allocations on a ``_Tape``; sizes in bytes.
-
-    Each method mirrors the code it is named after (wan/model.py, optim/fp8.py,
-    wan/attention.py): a ``new`` for each tensor an op returns, a ``free`` where its last
-    reference goes. Comments name the expression when it is not obvious.
-    """
-
-    c: WanConfig
-    batch: int
-    grid: tuple[int, int, int]
-    s: int  # compute dtype size
-    quantized: bool  # block Linears in fp8
-    scaled_mm: bool  # fp8 Linears quantise their input for torch._scaled_mm
-    kernel: str
-    per_token_t: bool  # TI2V: a timestep per token, so e / e0 are [B, L, ...]
-    host_rope: bool  # RoPE angles computed on this device (CPU) rather than on the host
-    tape: _Tape = field(default_factory=_Tape)
-
-    @property
-    def tokens(self) -> int:
-        return math.prod(self.grid)
-
-    def linear(self, rows: int, fin: int, fout: int, block: bool = True) -> int:
-        """A Linear on [rows, fin] (a block's may be an FP8Linear); returns its output."""
-        t, s = self.tape, self.s
-        if block and self.quantized and self.scaled_mm and s == 2:
-            scaled = t.new(rows * fin * s)  # x * (1 / scale), then fp8
-            x8 = t.new(rows * fin)
-            t.free(scaled)
-            out = t.new(rows * fout * s)
-            t.free(x8)
-            return out
-        if block and self.quantized:  # upcast path: the weight dequantised for the call
-            w = t.new(fin * fout * s)
-            out = t.new(rows * fout * s)
-            t.free(w)
-            return out
-        return t.new(rows * fout * s)
-
-    def rms_norm(self, n: int) -> int:
-        """WanRMSNorm on n elements in the compute dtype."""
-        t, s = self.tape, self.s
-        y = t.new(4 * n if s != 4 else 0)  # x.float()
-        t.free(t.new(4 * n))  # y.pow(2), gone after .mean
-        yr = t.new(4 * n)
-        typed = t.new(s * n) if s != 4 else yr  # .type_as(x)
-        if s != 4:
-            t.free(yr)
-        out = t.new(s * n)  # * weight
-        t.free(typed, y)
-        return out
-
-    def rope(self, x: int, n: int) -> int:
-        """rope_apply(x, freqs).to(dtype); frees x (its argument)."""
-        t, s = self.tape, self.s
-        f = t.new(4 * n if s != 4 else 0)  # x.float()
-        parts = []
-        for _ in range(2):  # x0 * cos - x1 * sin, x0 * sin + x1 * cos
-            a, b = t.new(2 * n), t.new(2 * n)
-            parts.append(t.new(2 * n))
-            t.free(a, b)
-        out = t.new(4 * n)  # stack
-        t.free(*parts, f, x)
-        if s != 4:
-            typed = t.new(s * n)
-            t.free(out)
-            out = typed
-        return out
-
-    def attention(self, lq: int, lk: int) -> int:
-        """attention(q, k, v).flatten(2) for q [B, lq, C], k / v [B, lk, C]."""
-        t, s, b, h, dim = self.tape, self.s, self.batch, self.c.num_heads, self.c.dim
-        nq, nk, scores = b * lq * dim, b * lk * dim, b * h * lq * lk
-        if self.kernel == "flash":
-            lse = t.new(b * h * lq * 4)
-            out = t.new(s * nq)  # laid out [B, L, N, D]: flatten(2) is a view
-            t.free(lse)
-            return out
-        if self.kernel == "sage":  # estimate: smoothed k, int8 q / k, fp8 v
-            km = t.new(s * nk)
-            q8, k8 = t.new(nq), t.new(nk)
-            t.free(km)
-            v8 = t.new(nk)
-            out = t.new(s * nq)
-            t.free(q8, k8, v8)
-            return out
-        # SDPA math (_scaled_dot_product_attention_math): fp16 / bf16 inputs are upcast to
-        # float32; matmul copies its [B, N, L, D] operands when B and N cannot fold into one
-        # batch dimension; the softmax weights are also returned in the input dtype.
-        up, fold = s != 4, b > 1 and h > 1
-        q32, k32, v32 = t.new(4 * nq if up else 0), t.new(4 * nk if up else 0), t.new(4 * nk if up else 0)
-        qs, ks = t.new(4 * nq), t.new(4 * nk)  # q and k^T scaled by sqrt(scale)
-        copies = (t.new(4 * nq), t.new(4 * nk)) if fold else ()
-        raw = t.new(4 * scores)
-        t.free(*copies, ks)
-        probs = t.new(4 * scores)
-        t.free(t.new(scores), raw)  # _safe_softmax's -inf mask
-        weights = t.new(s * scores) if up else probs
-        vc = t.new(4 * nk if fold else 0)
-        out = t.new(4 * nq)
-        t.free(vc)
-        if up:
-            typed = t.new(s * nq)
-            t.free(out, probs)
-            out = typed
-        t.free(qs, q32, k32, v32, weights)
-        flat = t.new(s * nq)  # [B, N, L, D] -> flatten(2) copies
-        t.free(out)
-        return flat
-
-    def modulate(self, normed: int, n: int, cast: bool = True) -> int:
-        """_modulate(normed, shift, scale, runs), .to(dtype) when ``cast``; frees normed."""
-        t, s, row = self.tape, self.s, self.batch * self.c.dim * 4
-        if self.per_token_t:  # run by run into one float32 output
-            out = t.new(4 * n)
-            for _ in range(self.e_rows):
-                t.free(t.new(row))  # 1 + scale of the run
-            t.free(normed)
-            m2 = out
-        else:  # x.float() * (1 + scale) + shift
-            one_plus = t.new(row)
-            m = t.new(4 * n)
-            t.free(normed, one_plus)
-            m2 = t.new(4 * n)
-            t.free(m)
-        if s == 4 or not cast:
-            return m2
-        out = t.new(s * n)
-        t.free(m2)
-        return out
-
-    def gated(self, n: int) -> int:
-        """_gated(x, y, gate, runs): the new residual stream."""
-        if self.per_token_t:  # y * gate run by run into the output, then += x
-            return self.tape.new(4 * n)
-        gated = self.tape.new(4 * n)
-        out = self.tape.new(4 * n)
-        self.tape.free(gated)
-        return out
-
-    @property
-    def e_rows(self) -> int:
-        """Rows of e / e0 per sample: TI2V's per-token timesteps come in two runs."""
-        return 2 if self.per_token_t else 1
-
-    def block(self, first: bool) -> int:
-        """WanAttentionBlock.forward; returns the new residual stream (the input stays live)."""
-        t, s, c, b, L = self.tape, self.s, self.c, self.batch, self.tokens
-        n, rows, lt = b * L * c.dim, b * L, c.text_len
-        mod = t.new(b * self.e_rows * 6 * c.dim * 4)  # modulation.float() + e0
-        if first:  # x from embed: compute dtype, a transposed view of the patch embedding
-            f = t.new(4 * n if s != 4 else 0)  # x.float()
-            contig = t.new(4 * n)  # layer_norm makes its input contiguous
-            normed = t.new(4 * n)
-            t.free(contig)
-            if s != 4:  # .type_as(x), then .float() again (run-wise modulation reads it as is)
-                typed = t.new(s * n)
-                t.free(normed, f)
-                if self.per_token_t:
-                    normed = typed
-                else:
-                    normed = t.new(4 * n)
-                    t.free(typed)
-        else:
-            normed = t.new(4 * n)
-        xm = self.modulate(normed, n)
-        # self-attention
-        qk = []
-        for _ in range(2):
-            lin = self.linear(rows, c.dim, c.dim)
-            normed = self.rms_norm(n)
-            t.free(lin)
-            qk.append(self.rope(normed, n))
-        v = self.linear(rows, c.dim, c.dim)
-        att = self.attention(L, L)
-        y = self.linear(rows, c.dim, c.dim)
-        t.free(att, *qk, v, xm)
-        x1 = self.gated(n)
-        # cross-attention
-        ln = t.new(4 * n)  # norm3(x), float32 like x
-        xc = t.new(s * n) if s != 4 else ln
-        if s != 4:
-            t.free(ln)
-        lin = self.linear(rows, c.dim, c.dim)
-        q = self.rms_norm(n)
-        t.free(lin)
-        lin = self.linear(b * lt, c.dim, c.dim)
-        k = self.rms_norm(b * lt * c.dim)
-        t.free(lin)
-        v = self.linear(b * lt, c.dim, c.dim)
-        out = self.attention(L, lt)
-        t.free(v)
-        if c.clip:
-            li = c.clip_pos_len or 257
-            lin = self.linear(b * li, c.dim, c.dim)
-            k_img = self.rms_norm(b * li * c.dim)
-            t.free(lin, k)
-            k = k_img
-            v = self.linear(b * li, c.dim, c.dim)
-            att = self.attention(L, li)
-            t.free(v)
-            total = t.new(s * n)
-            t.free(att, out)
-            out = total
-        o = self.linear(rows, c.dim, c.dim)
-        t.free(out, q, k, xc)
-        x2 = t.new(4 * n)
-        t.free(o, x1)
-        # feed-forward; y (self-attention's output) lives until it is reassigned
-        xf = self.modulate(t.new(4 * n), n)
-        h = self.linear(rows, c.dim, c.ffn_dim)
-        g = t.new(rows * c.ffn_dim * s)  # GELU
-        t.free(h)
-        y2 = self.linear(rows, c.ffn_dim, c.dim)
-        t.free(g, xf, y)
-        x3 = self.gated(n)
-        t.free(y2, x2, mod)
-        return x3
-
-    def embed(self) -> tuple[int, list[int]]:
-        """WanModel.embed with float32 inputs; returns (x, tensors held across the blocks)."""
-        t, s, c, b, L = self.tape, self.s, self.c, self.batch, self.tokens
-        vol = b * L * math.prod(c.patch_size)  # latent voxels
-        cat = t.new(vol * c.in_dim * 4) if c.in_dim != c.out_dim else None  # cat([x, y])
-        cast = t.new(vol * c.in_dim * s if s != 4 else 0)
-        x = t.new(b * L * c.dim * s)  # patch embedding
-        t.free(cast, *([cat] if cat is not None else []))
-        if self.per_token_t:  # where t changes along the tokens: t[:, 1:] != t[:, :-1]
-            t.free(t.new(b * (L - 1)))
-        e, e0 = self.time_embed(b * self.e_rows)
-        pad = t.new(b * c.text_len * c.text_dim * 4)
-        text = t.new(b * c.text_len * c.text_dim * s) if s != 4 else pad  # .to(dtype)
-        if s != 4:
-            t.free(pad)
-        h = self.linear(b * c.text_len, c.text_dim, c.dim, block=False)
-        g = t.new(b * c.text_len * c.dim * s)
-        t.free(h)
-        context = self.linear(b * c.text_len, c.dim, c.dim, block=False)
-        t.free(g, text)
-        held = [e, e0, context]
-        if c.clip:
-            held.append(t.new(b * (c.clip_pos_len or 257) * c.dim * s))
-        lc = L * c.head_dim // 2
-        if self.host_rope:  # rope_freqs on this device: float64 angles, cos, sin, stack, float32
-            angles, cos, sin = t.new(8 * lc), t.new(8 * lc), t.new(8 * lc)
-            stacked = t.new(16 * lc)
-            t.free(cos, sin)
-            held.append(t.new(8 * lc))
-            t.free(stacked, angles)
-        else:  # computed on the host; only the float32 result comes over
-            held.append(t.new(8 * lc))
-        return x, held
-
-    def time_embed(self, rows: int) -> tuple[int, int]:
-        """WanModel.time_embed for ``rows`` timesteps: _linear32 upcasts each weight for its call."""
-        t, c, up = self.tape, self.c, self.s != 4
-
-        def linear32(fin: int, fout: int) -> int:
-            w = t.new(fin * fout * 4 if up else 0)
-            out = t.new(rows * fout * 4)
-            t.free(w)
-            return out
-
-        h = linear32(c.freq_dim, c.dim)
-        act = t.new(rows * c.dim * 4)  # silu
-        t.free(h)
-        e = linear32(c.dim, c.dim)
-        t.free(act)
-        act = t.new(rows * c.dim * 4)
-        e0 = linear32(c.dim, 6 * c.dim)
-        t.free(act)
-        return e, e0
-
-    def unembed(self, x: int) -> int:
-        """Head and unpatchify; frees x, returns the output."""
-        t, s, c, b, L = self.tape, self.s, self.c, self.batch, self.tokens
-        n, p = b * L * c.dim, math.prod(c.patch_size) * c.out_dim
-        mf = t.new(2 * c.dim * 4 if s != 4 else 0)  # modulation.float()
-        mh = t.new(b * self.e_rows * 2 * c.dim * 4)
-        t.free(mf)
-        normed = self.modulate(t.new(4 * n), n, cast=False)  # the head stays float32
-        w = t.new(c.dim * p * 4 if s != 4 else 0)  # _linear32: head weight in float32
-        out = t.new(b * L * p * 4)
-        t.free(w, normed, mh)
-        video = t.new(b * L * p * 4)  # permute + reshape copies
-        t.free(out, x)
-        return video
+# Bytes a kernel holds beyond its outputs, per attention kernel, on CUDA. PyTorch's flash and
+# memory-efficient SDPA return out and logsumexp (both op outputs: the CPU flash kernel the
+# trace runs returns the same two) and use no workspace for head_dim 128 without split-KV;
+# flash_attn likewise. cuBLAS / cuBLASLt workspaces are allocated once per process and live
+# in the reserve. SageAttention quantises q and k to int8 (k smoothed by its mean first, a
+# compute-dtype copy) and v to fp8 for the call: an estimate from its published design.
+def _sage_term(func, args, kwargs, outputs) -> int:
+    if "scaled_dot_product" not in str(func):
+        return 0
+    q, k = args[0], args[1]
+    nq, nk = q.numel(), k.numel()
+    return nq + nk + nk + nk * q.dtype.itemsize  # int8 q, int8 k, fp8 v, smoothed k
 
 
+# On a CPU the scratch of these kernels is measured where they run (memtrace.measured_workspace).
+_CPU_SCRATCH_OPS = ("aten.addmm.default", "aten.mm.default", "aten.bmm.default", "aten.baddbmm.default",
+                    "aten.convolution.default", "aten._scaled_mm.default",
+                    "aten._scaled_dot_product_flash_attention_for_cpu.default")
+
+
+@functools.cache
+def _cpu_scratch() -> memtrace.KernelTerm:
+    return memtrace.measured_workspace(_CPU_SCRATCH_OPS)
+
+
+def _kernel_terms(kernel: str, device_type: str) -> tuple[memtrace.KernelTerm, ...]:
+    if device_type == "cpu":
+        return (_cpu_scratch(),)
+    if kernel == "sage":
+        return (memtrace.KernelTerm("SageAttention int8 / fp8 copies of q, k, v (estimate)", _sage_term),)
+    return ()
+
+
+def dit_inputs(config: WanConfig, grid: tuple[int, int, int], batch: int, dtype: torch.dtype,
+               device: torch.device | str = "cpu", host_device: torch.device | str = "cpu") -> dict:
+    """``WanModel.forward`` keyword arguments shaped as the sampler passes them for a token
+    ``grid``: the latent in float32, conditioning and text context in the compute dtype (on
+    ``device``), the host inputs (timestep sinusoids, RoPE, TI2V's runs) on ``host_device``.
+    Values are left unset (``torch.empty``); a caller wanting a real forward fills them.
+    TI2V-5B's first latent frame (timestep 0) makes two runs."""
+    c = config
+    f, h, w = grid
+    pt, ph, pw = c.patch_size
+    size = (f * pt, h * ph, w * pw)
+    rows = 2 if c.model_type == "ti2v" else 1
+    runs = (h * w, (f - 1) * h * w) if rows == 2 else None
+    empty = functools.partial(torch.empty, device=device)
+    return dict(
+        x=empty(batch, c.out_dim, *size),
+        t=None,
+        context=empty(batch, c.text_len, c.text_dim, dtype=dtype),
+        clip_fea=empty(batch, c.clip_pos_len or 257, c.clip_dim, dtype=dtype) if c.clip else None,
+        y=empty(batch, c.in_dim - c.out_dim, *size, dtype=dtype) if c.in_dim != c.out_dim else None,
+        host=HostInputs(torch.empty(batch * rows, c.freq_dim, device=host_device),
+                        torch.empty(math.prod(grid), 1, c.head_dim // 2, 2, device=host_device), runs))
+
+
+class _Kernel(torch.overrides.TorchFunctionMode):
+    """Run SDPA as the planned device would: on meta tensors PyTorch has no kernel choice
+    (it falls back to the math decomposition), so the choice is made here, by name."""
+
+    def __init__(self, kernel: str):
+        super().__init__()
+        self.kernel = kernel
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and self.kernel != "math":
+            # the CPU flash kernel returns what CUDA flash / memory-efficient SDPA return:
+            # out and a float32 logsumexp [B, N, L]
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args, **kwargs)[0]
+        return func(*args, **kwargs)
+
+
+PHASES = ("embedding", "first block", "a block", "head")
+
+
+def trace_forward(model: WanModel, inputs: dict, terms: tuple[memtrace.KernelTerm, ...] = (),
+                  record: bool = False) -> dict[str, memtrace.Phase]:
+    """Run ``model(**inputs)`` (two blocks are enough: every block after the first repeats the
+    second) counting live activation bytes, with a phase per part of the forward: embedding,
+    the first block (its input is the compute-dtype embedding), a later block and the head
+    (with unpatchify). Works on real and on fake tensors alike."""
+    if len(model.blocks) < 2:
+        raise ValueError("trace_forward needs a model with at least two blocks")
+    counter = memtrace.LiveBytes(terms, record)
+
+    def phase(name: str):
+        def begin(module, args) -> None:  # a pre-hook's return value would replace the args
+            counter.mark(name)
+        return begin
+
+    hooks = [module.register_forward_pre_hook(phase(name))
+             for module, name in ((model.blocks[0], PHASES[1]), (model.blocks[1], PHASES[2]), (model.head, PHASES[3]))]
+    try:
+        with counter:
+            counter.mark(PHASES[0])
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {p.name: p for p in counter.finish() if p.name in PHASES}
+
+
+def _traced_model(config: WanConfig, weights: str, dtype: torch.dtype, scaled_mm: bool) -> WanModel:
+    """Two blocks of ``config`` as the loader builds them, on the meta device, SDPA attention;
+    fp8 Linears take the ``torch._scaled_mm`` path when ``scaled_mm`` (a GPU with fp8 GEMMs),
+    else they upcast their weight per call."""
+    with torch.device("meta"):
+        model = _build_dit(dataclasses.replace(config, num_layers=2), weights, dtype).eval()
+    model.attention_backend = "sdpa"
+    for layer in model.modules():
+        if isinstance(layer, fp8.FP8Linear):
+            layer._use_mm[torch.device("meta")] = scaled_mm and layer._mm_shapes_ok
+    return model
+
+
+@functools.lru_cache(maxsize=256)
 def dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int = 1,
                     compute_dtype: torch.dtype = torch.bfloat16, weights: str = "bf16",
                     attention: str = "sdpa", device_type: str = "cuda", fp8_matmul: bool = True) -> Activations:
     """Activation bytes of one ``WanModel.forward`` over a token ``grid`` (F, H, W after patching).
 
-    ``fp8_matmul``: fp8 Linears take the ``torch._scaled_mm`` path (CUDA, capability >= 8.9),
-    quantising their input; otherwise each upcasts its weight for the call. Inputs (latent,
-    conditioning, text features) and weights are not counted. TI2V-5B's per-token timesteps
-    come in two runs (first frame, the rest), modulated run by run.
+    The model's own forward runs on meta tensors (no memory, no compute) under
+    ``memtrace.LiveBytes``; the attention kernel is picked as on ``device_type`` (flash-class
+    SDPA, its math fallback, SageAttention as flash plus its term) and fp8 Linears take the
+    ``torch._scaled_mm`` path when ``fp8_matmul`` on CUDA, else they upcast their weight per
+    call. On CUDA the host inputs (timestep sinusoids, RoPE) arrive by a copy, counted; on a
+    CPU they are already there. Inputs (latent, conditioning, text) and weights are not
+    counted. ``device_type="cpu"`` adds the CPU kernels' measured scratch.
     """
     if not (config.qk_norm and config.cross_attn_norm):
         raise ValueError("the activation model covers the released Wan configs (qk_norm, cross_attn_norm)")
     fp8_dtype, dtype = _storage(weights, compute_dtype)
     kernel = attention_kernel(attention, device_type, dtype, config.head_dim)
-    fw = _Forward(config, batch, tuple(grid), dtype.itemsize, fp8_dtype is not None,
-                  fp8_matmul and device_type == "cuda", kernel, config.model_type == "ti2v", device_type == "cpu")
-    t = fw.tape
-    x, held = fw.embed()
-    peaks = {"embedding": t.mark()}
-    x1 = fw.block(first=True)
-    t.free(x)
-    peaks["first block"] = t.mark()
-    start = t.live
-    x2 = fw.block(first=False)
-    peaks["a block"] = block = t.mark()
-    t.free(x1)
-    t.free(fw.unembed(x2))
-    peaks["head"] = t.mark()
-    phase = max(peaks, key=peaks.get)
+    model = _traced_model(config, weights, dtype, fp8_dtype is not None and fp8_matmul and device_type == "cuda")
+    # On a GPU the host inputs arrive by a copy (counted); on a CPU they are already there.
+    inputs = dit_inputs(config, tuple(grid), batch, dtype, "meta", "meta" if device_type == "cpu" else "cpu")
+    with torch.no_grad(), _Kernel(kernel):
+        phases = trace_forward(model, inputs, _kernel_terms(kernel, device_type), record=True)
+    peak = max(phases.values(), key=lambda p: p.peak)
     tokens = math.prod(grid)
-    return Activations(tokens, batch, kernel, held=t.size(*held), block=block - start, peak=peaks[phase],
-                       phase=phase, residual=4 * batch * tokens * config.dim)
+    residual = 4 * batch * tokens * config.dim
+    block = phases[PHASES[2]]
+    return Activations(tokens, batch, kernel, held=block.start - residual, block=block.peak - block.start,
+                       peak=peak.peak, phase=peak.name, residual=residual, terms=tuple(peak.terms.items()),
+                       at_peak=tuple(sorted(peak.at_peak, key=lambda t: -t.nbytes)), phases=tuple(phases.values()))
 
 
 # ----------------------------------------------------------------------------- the plan

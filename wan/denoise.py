@@ -34,11 +34,7 @@ RunBlocks = Callable[[WanState, DiTCall], WanState]
 
 
 def run_all_blocks(model: WanModel) -> RunBlocks:
-    def run(state: WanState, call: DiTCall) -> WanState:
-        for block in model.blocks:
-            state.x = block(state.x, **state.block_kwargs)
-        return state
-    return run
+    return lambda state, call: model.run_blocks(state)
 
 
 @dataclass
@@ -79,9 +75,9 @@ def make_denoiser(model: WanModel, positive: Conditioning, negative: Conditionin
             t = torch.full((b, f, (h // ph) * (w // pw)), sigma * 1000.0, device=device)
             t[:, 0] = 0.0
             t = t.flatten(1)
-        state = model.embed(x.to(device), t, context.to(device),
-                            None if clip_fea is None else clip_fea.to(device), None if y is None else y.to(device))
-        return model.unembed(run(state, call)).to(x.device)
+        out = model(x.to(device), t, context.to(device), None if clip_fea is None else clip_fea.to(device),
+                    None if y is None else y.to(device), run_blocks=lambda state: run(state, call))
+        return out.to(x.device)
 
     def guided(x: Tensor, sigma: float, step: int) -> Tensor:
         velocity = denoise(x, sigma, step)

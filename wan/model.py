@@ -16,6 +16,7 @@ modulation and the residual stream in float32, time embedding and head in float3
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,7 @@ def rope_freqs(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0
     """3-D RoPE for a (F, H, W) token grid: [F*H*W, 1, head_dim // 2, 2] float32 (cos, sin).
 
     The head dimension's pairs split into frame / height / width parts as official
-    rope_params + rope_apply do; angles are computed in float64 on the CPU (MPS has none).
+    rope_params + rope_apply do; angles are computed in float64.
     """
     c = head_dim // 2
     parts = []
@@ -266,6 +267,18 @@ class MLPProj(nn.Module):
         return self.proj[1:](self.proj[0](x).to(dtype))
 
 
+@dataclass(frozen=True)
+class HostInputs:
+    """What ``embed`` computes on the host from the timesteps' values rather than from
+    shapes: their sinusoids, the RoPE table and TI2V's runs of equal timesteps. The memory
+    planner traces the forward on tensors that have shapes but no values, so it passes
+    these in; a real forward computes them with ``WanModel.host_inputs``."""
+
+    sinusoid: torch.Tensor  # [B * R, freq_dim] float32: one row per sample and run of tokens
+    freqs: torch.Tensor  # RoPE (cos, sin) [L, 1, head_dim // 2, 2] float32 (rope_freqs)
+    runs: Runs | None = None  # per-token timesteps: token counts of the runs (TI2V)
+
+
 @dataclass
 class WanState:
     """What ``embed`` hands the blocks and ``unembed``; blocks run as
@@ -304,21 +317,43 @@ class WanModel(nn.Module):
         if c.clip:
             self.img_emb = MLPProj(c.clip_dim, c.dim, c.clip_pos_len)
 
-    def time_embed(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps [N] -> e [N, dim] and e0 [N, 6, dim], float32."""
-        sin = sinusoidal_embedding_1d(self.config.freq_dim, t.cpu()).float().to(t.device)
-        e = _linear32(self.time_embedding[2], F.silu(_linear32(self.time_embedding[0], sin)))
+    def time_embed(self, sinusoid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timestep sinusoids [N, freq_dim] float32 -> e [N, dim] and e0 [N, 6, dim], float32."""
+        e = _linear32(self.time_embedding[2], F.silu(_linear32(self.time_embedding[0], sinusoid)))
         e0 = _linear32(self.time_projection[1], F.silu(e))
         return e, e0.unflatten(1, (6, self.config.dim))
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-              clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None) -> WanState:
+    def host_inputs(self, t: torch.Tensor, batch: int, grid: tuple[int, int, int]) -> HostInputs:
+        """The value-dependent inputs of ``embed``, computed on the CPU (float64 angles; MPS
+        has none): t is [B] (or a scalar) or per token [B, L] for a (F, H, W) token grid."""
+        n = math.prod(grid)
+        t = t.detach().cpu()
+        runs = None
+        if t.dim() <= 1:
+            t = t.reshape(-1).expand(batch)
+        elif t.shape == (batch, n):
+            # Per-token timesteps come in runs (TI2V: the first frame's tokens, then the rest):
+            # one embedding per run, applied run by run, never a [B, L, 6, dim] tensor.
+            starts = torch.cat([torch.zeros(1, dtype=torch.long),
+                                1 + torch.nonzero((t[:, 1:] != t[:, :-1]).any(0)).flatten()])
+            bounds = [*starts.tolist(), n]
+            runs = tuple(hi - lo for lo, hi in zip(bounds, bounds[1:]))
+            t = t[:, starts].reshape(-1)
+        else:
+            raise ValueError(f"t must be [B] or per token [B, L] = [{batch}, {n}]; got {list(t.shape)}")
+        sinusoid = sinusoidal_embedding_1d(self.config.freq_dim, t).float()
+        return HostInputs(sinusoid, rope_freqs(grid, self.config.head_dim), runs)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor | None, context: torch.Tensor,
+              clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None,
+              host: HostInputs | None = None) -> WanState:
         """Patchify and embed everything the blocks need.
 
         x: latent [B, C, F, H, W]; y: i2v conditioning [B, in_dim - C, F, H, W], concatenated
         along channels. t: [B] (or a scalar), or per token [B, L] (TI2V-5B: first frame at 0).
         context: text [B, <=text_len, text_dim], zero-padded to text_len and not masked, as
         official. clip_fea: CLIP features [B, 257 (FLF2V: 514), clip_dim], Wan 2.1 i2v only.
+        host: ``host_inputs(t, ...)`` computed beforehand (t is then not read).
         """
         c = self.config
         dtype = self.patch_embedding.weight.dtype
@@ -332,26 +367,14 @@ class WanModel(nn.Module):
         if any(s % p for s, p in zip(x.shape[2:], c.patch_size)):
             raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch size "
                              f"{c.patch_size}")
-        x = self.patch_embedding(x.to(dtype))
-        grid = tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)
-        b, n = x.shape[:2]
-
-        runs = None
-        if t.dim() <= 1:
-            e, e0 = self.time_embed(t.reshape(-1).expand(b))
-            e, e0 = e[:, None], e0[:, None]
-        elif t.shape == (b, n):
-            # Per-token timesteps come in runs (TI2V: the first frame's tokens, then the rest):
-            # one embedding per run, applied run by run, never a [B, L, 6, dim] tensor.
-            starts = torch.cat([torch.zeros(1, dtype=torch.long, device=t.device),
-                                1 + torch.nonzero((t[:, 1:] != t[:, :-1]).any(0)).flatten()])
-            bounds = [*starts.tolist(), n]
-            runs = tuple(hi - lo for lo, hi in zip(bounds, bounds[1:]))
-            e, e0 = self.time_embed(t[:, starts].reshape(-1))
-            e, e0 = e.unflatten(0, (b, len(runs))), e0.unflatten(0, (b, len(runs)))
-        else:
-            raise ValueError(f"t must be [B] or per token [B, L] = [{b}, {n}]; got {list(t.shape)}")
+        grid = tuple(n // p for n, p in zip(x.shape[2:], c.patch_size))
+        if host is None:
+            host = self.host_inputs(t, x.shape[0], grid)
+        x = self.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2)
+        b = x.shape[0]
+        e, e0 = self.time_embed(host.sinusoid.to(x.device))
+        rows = len(host.runs) if host.runs else 1
+        e, e0 = e.unflatten(0, (b, rows)), e0.unflatten(0, (b, rows))
 
         if context.shape[1] > c.text_len:
             raise ValueError(f"context has {context.shape[1]} tokens; at most text_len={c.text_len}")
@@ -360,8 +383,8 @@ class WanModel(nn.Module):
             raise ValueError("this model needs clip_fea (CLIP image features)" if c.clip
                              else "this model has no CLIP image input; pass clip_fea=None")
         context_img = self.img_emb(clip_fea, dtype) if c.clip else None
-        freqs = rope_freqs(grid, c.head_dim).to(x.device)
-        return WanState(x, e, e0, freqs, context, context_img, grid, self.attention_backend, runs)
+        freqs = host.freqs.to(x.device)
+        return WanState(x, e, e0, freqs, context, context_img, grid, self.attention_backend, host.runs)
 
     def unembed(self, state: WanState) -> torch.Tensor:
         """Head and unpatchify: -> [B, out_dim, F, H, W] float32."""
@@ -370,10 +393,17 @@ class WanModel(nn.Module):
         x = x.view(x.shape[0], f, h, w, pt, ph, pw, self.config.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(x.shape[0], self.config.out_dim, f * pt, h * ph, w * pw)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Predicted flow [B, out_dim, F, H, W] float32; arguments as ``embed``."""
-        state = self.embed(x, t, context, clip_fea, y)
+    def run_blocks(self, state: WanState) -> WanState:
+        """``state.x`` through every block in order, on the blocks' own device."""
         for block in self.blocks:
             state.x = block(state.x, **state.block_kwargs)
-        return self.unembed(state)
+        return state
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None, context: torch.Tensor,
+                clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                host: HostInputs | None = None,
+                run_blocks: Callable[[WanState], WanState] | None = None) -> torch.Tensor:
+        """Predicted flow [B, out_dim, F, H, W] float32; arguments as ``embed``. ``run_blocks``
+        replaces the plain block loop (block swap, step caches hook in there)."""
+        state = self.embed(x, t, context, clip_fea, y, host)
+        return self.unembed((run_blocks or self.run_blocks)(state))
