@@ -51,6 +51,7 @@ _QUANTIZABLE = re.compile(
     r"(?:^|\.)blocks\.\d+\."
     r"(?:self_attn\.[qkvo]|cross_attn\.(?:[qkvo]|k_img|v_img)|ffn\.[02])\.weight$"
 )
+QUANTIZE_CHUNK_BYTES = 256 * 2**20  # scaled input rows converted to fp8 at a time
 # Activation dtypes _scaled_mm may write; float32 activations take the upcast path.
 _MM_OUT_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -187,8 +188,8 @@ def scaled_mm_linear(x: torch.Tensor, w8: torch.Tensor, scale_weight: torch.Tens
     The input scale is ``amax(|x|) / 448`` over the whole call (cond and uncond batched share
     one), or the file's ``scale_input`` when given. Leading dims are flattened, so ``[B, L, C]``
     and ``[L, C]`` both work. Needs in/out features divisible by 16 (a ``_scaled_mm`` rule).
-    Transient memory: one copy of ``x`` in its dtype and one in fp8, against the upcast path's
-    one copy of the weight in the compute dtype.
+    Transient memory: ``x`` in fp8 plus one chunk of it scaled in its dtype, against the upcast
+    path's one copy of the weight in the compute dtype.
     """
     shape, dtype = x.shape, x.dtype
     x2 = x.reshape(-1, shape[-1])
@@ -201,7 +202,12 @@ def scaled_mm_linear(x: torch.Tensor, w8: torch.Tensor, scale_weight: torch.Tens
     # _scaled_mm is taken from that rounded value so the two cancel exactly.
     inv = inv.clamp_max(torch.finfo(dtype).max).to(dtype)
     scale_a = inv.float().reciprocal()
-    x8 = (x2 * inv).clamp_(-fmax, fmax).to(torch.float8_e4m3fn).contiguous()  # row-major for _scaled_mm
+    # Scaled in row chunks straight into the fp8 input (row-major, as _scaled_mm wants): the
+    # same values as one (x * inv).to(fp8), without a whole scaled copy of x beside it.
+    x8 = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    rows = max(1, QUANTIZE_CHUNK_BYTES // max(1, x2.shape[1] * x2.element_size()))
+    for start in range(0, x2.shape[0], rows):
+        x8[start:start + rows].copy_((x2[start:start + rows] * inv).clamp_(-fmax, fmax))
     # e5m2 x e5m2 has no kernel; activations always go as e4m3fn, the weight as stored.
     out = torch._scaled_mm(x8, w8.t(), scale_a=scale_a, scale_b=scale_weight.float().reshape(()),
                            bias=None if bias is None else bias.to(dtype), out_dtype=dtype)

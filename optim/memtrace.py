@@ -54,6 +54,7 @@ class Phase:
     peak: int  # the most live bytes during it, kernel terms included
     outputs_peak: int = 0  # the most live bytes of op outputs alone (no kernel terms)
     at_peak: tuple[Live, ...] = ()  # what was live at that moment (when recorded)
+    peak_op: str = ""  # the op during which the peak happened
     terms: dict[str, int] = field(default_factory=dict)  # the kernel terms at the peak
 
 
@@ -87,12 +88,12 @@ class LiveBytes(TorchDispatchMode):
         for key in dead:
             self.live -= self._storages.pop(key)[1].nbytes
 
-    def _peak(self, transient: int, terms: dict[str, int]) -> None:
+    def _peak(self, op: str, transient: int, terms: dict[str, int]) -> None:
         phase = self._phase
         phase.outputs_peak = max(phase.outputs_peak, self.live)
         if self.live + transient > phase.peak:
             phase.peak = self.live + transient
-            phase.terms = terms
+            phase.terms, phase.peak_op = terms, op
             if self.record:
                 phase.at_peak = tuple(live for _, live in self._storages.values())
 
@@ -134,7 +135,7 @@ class LiveBytes(TorchDispatchMode):
             nbytes = term.bytes(func, args, kwargs, outputs)
             if nbytes:
                 terms[term.name] = terms.get(term.name, 0) + nbytes
-        self._peak(sum(terms.values()), terms)
+        self._peak(str(func), sum(terms.values()), terms)
         return out
 
 

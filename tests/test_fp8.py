@@ -220,6 +220,24 @@ def test_scaled_mm_path_matches_upcast_within_activation_rounding(fmt) -> None:
 
 
 @needs_cpu_scaled_mm
+def test_input_quantised_in_row_chunks_equals_one_pass(monkeypatch) -> None:
+    """The fp8 input is written chunk by chunk (no whole scaled copy of x): the same bits as
+    quantising it in one expression, so the GEMM sees the same operand."""
+    _, layer = make_layer(k=64, n=48)
+    x = torch.randn(3, 41, 64, dtype=torch.bfloat16)
+    whole = scaled_mm_linear(x, layer.weight, layer.scale_weight, layer.bias)
+    monkeypatch.setattr(fp8, "QUANTIZE_CHUNK_BYTES", 5 * 64 * 2)  # 5 rows a chunk, a partial last one
+    seen = []
+    real_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda a, *args, **kw: seen.append(a.clone()) or real_mm(a, *args, **kw))
+    chunked = scaled_mm_linear(x, layer.weight, layer.scale_weight, layer.bias)
+    assert torch.equal(chunked, whole)
+    inv = (448 / x.abs().max().float()).to(torch.bfloat16)
+    one_pass = (x.reshape(-1, 64) * inv).clamp(-448, 448).to(E4M3)
+    assert torch.equal(seen[0].view(torch.uint8), one_pass.view(torch.uint8))
+
+
+@needs_cpu_scaled_mm
 def test_scaled_mm_path_with_a_file_input_scale_saturates_outside_its_range() -> None:
     _, layer = make_layer(k=64, n=48)
     x = torch.randn(5, 64, dtype=torch.bfloat16)

@@ -105,10 +105,18 @@ def rope_apply(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate the pairs of x [B, L, N, D] by freqs from rope_freqs; float32 out.
 
     Real arithmetic in float32 (official: complex float64), so torch.compile can trace it.
+    Each product is written into the output's even or odd lanes (x's pairs are read where
+    they are, promoted to float32 by the multiply), so the only temporary is one half-size
+    product, where ``stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos])`` holds five.
     """
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = freqs.unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(3)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    even, odd = out.unflatten(-1, (-1, 2)).unbind(-1)
+    product = torch.empty(x0.shape, dtype=torch.float32, device=x.device)
+    torch.mul(x0, cos, out=even).sub_(torch.mul(x1, sin, out=product))
+    torch.mul(x0, sin, out=odd).add_(torch.mul(x1, cos, out=product))
+    return out
 
 
 def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -124,8 +132,8 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, runs: R
     """``x.float() * (1 + scale) + shift``; shift / scale are [B, 1, C], or [B, R, C] with
     ``runs`` giving each run's token count. Per run, the result is written straight into one
     float32 output: bit-identical to the per-token form without its [B, L, 6, C] tensors."""
-    if runs is None:
-        return x.float() * (1 + scale) + shift
+    if runs is None:  # x is promoted by the multiply; the shift goes into its fresh result
+        return torch.mul(x, 1 + scale).add_(shift)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for xs, os, sh, sc in zip(x.split(runs, 1), out.split(runs, 1), shift.split(1, 1), scale.split(1, 1)):
         torch.mul(xs, 1 + sc, out=os).add_(sh)
@@ -150,9 +158,15 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the input's dtype (official).
+        # Normalise in float32, scale in the input's dtype (official). The float32 copy and
+        # the cast are this function's own tensors, so they are scaled in place.
         y = x.float()
-        return (y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        norm = torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        y = y * norm if y is x else y.mul_(norm)
+        typed = y.type_as(x)
+        if typed.dtype != torch.promote_types(typed.dtype, self.weight.dtype):
+            return typed * self.weight
+        return typed.mul_(self.weight)
 
 
 class WanLayerNorm(nn.LayerNorm):
@@ -221,7 +235,7 @@ class WanAttentionBlock(nn.Module):
         self.norm3 = WanLayerNorm(dim, eps, True) if config.cross_attn_norm else nn.Identity()
         self.cross_attn = WanCrossAttention(dim, config.num_heads, config.qk_norm, eps, config.clip)
         self.norm2 = WanLayerNorm(dim, eps)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
+        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), GELUInPlace(approximate="tanh"),
                                  nn.Linear(config.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
@@ -232,11 +246,24 @@ class WanAttentionBlock(nn.Module):
         ``runs`` (TI2V); the compute dtype is context's (embed makes it so)."""
         dtype = context.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
-        y = self.self_attn(_modulate(self.norm1(x), shift1, scale1, runs).to(dtype), freqs, backend)
-        x = _gated(x, y, gate1, runs)  # float32 from here on, as official
+        # Sub-layer outputs and inputs are temporaries of one expression each, so each is freed
+        # as soon as it is used (a local would keep it alive through the next sub-layer).
+        x = _gated(x, self.self_attn(_modulate(self.norm1(x), shift1, scale1, runs).to(dtype), freqs, backend),
+                   gate1, runs)  # float32 from here on, as official
         x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img, backend)
-        y = self.ffn(_modulate(self.norm2(x), shift2, scale2, runs).to(dtype))
-        return _gated(x, y, gate2, runs)
+        linear1, gelu, linear2 = self.ffn
+        return _gated(x, linear2(gelu(linear1(_modulate(self.norm2(x), shift2, scale2, runs).to(dtype)))),
+                      gate2, runs)
+
+
+class GELUInPlace(nn.GELU):
+    """tanh GELU written over its input when no gradient is recorded: the FFN's hidden state
+    [B, L, ffn_dim] is its largest tensor, and the Linear's output has no other use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        return torch.ops.aten.gelu_(x, approximate=self.approximate)
 
 
 class Head(nn.Module):
