@@ -24,7 +24,8 @@ def test_plans_for_the_issue_cases():
         plan = plans[32, frames, 832, fp8]
         assert (plan["resident"], plan["swapped"]) == (40, 0)
         assert plan["peak_vram"] <= plan["budget"]
-    assert plans[32, 81, 832, "bf16"]["swapped"] > 0
+    bf16 = plans[32, 81, 832, "bf16"]  # 26.6 GiB of weights: fits only one CFG branch at a time
+    assert (bf16["batch"], bf16["passes"]) == (1, 2) and bf16["sampling_vram"] > 0.9 * bf16["budget"]
     swapped = [plans[card, 81, 832, fp8]["swapped"] for card in (24, 16, 12, 8)]
     assert swapped == sorted(swapped) and swapped[-1] > swapped[1] > 0
     # TI2V-5B's per-token timesteps are modulated run by run, no [B, L, 6, dim] tensors:

@@ -237,7 +237,7 @@ class WanAttentionBlock(nn.Module):
         self.norm2 = WanLayerNorm(dim, eps)
         self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), GELUInPlace(approximate="tanh"),
                                  nn.Linear(config.ffn_dim, dim))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim).div_(dim**0.5))
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor,
                 context_img: torch.Tensor | None = None, backend: str = "auto",
@@ -272,7 +272,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = WanLayerNorm(dim, eps)
         self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim).div_(dim**0.5))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, runs: Runs | None = None) -> torch.Tensor:
         """x [B, L, C], e [B, 1 or R, C] float32 -> [B, L, prod(patch) * out_dim] float32."""
