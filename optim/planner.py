@@ -326,7 +326,6 @@ def _traced_model(config: WanConfig, weights: str, dtype: torch.dtype, scaled_mm
     return model
 
 
-@functools.lru_cache(maxsize=256)
 def dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int = 1,
                     compute_dtype: torch.dtype = torch.bfloat16, weights: str = "bf16",
                     attention: str = "sdpa", device_type: str = "cuda", fp8_matmul: bool = True) -> Activations:
@@ -340,6 +339,15 @@ def dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int = 
     CPU they are already there. Inputs (latent, conditioning, text) and weights are not
     counted. ``device_type="cpu"`` adds the CPU kernels' measured scratch.
     """
+    # A CPU's measured kernel scratch depends on its thread count, so that is part of the key.
+    threads = torch.get_num_threads() if device_type == "cpu" else 0
+    return _dit_activations(config, tuple(grid), batch, compute_dtype, weights, attention, device_type, fp8_matmul,
+                            threads)
+
+
+@functools.lru_cache(maxsize=256)
+def _dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int, compute_dtype: torch.dtype | None,
+                     weights: str, attention: str, device_type: str, fp8_matmul: bool, threads: int) -> Activations:
     if not (config.qk_norm and config.cross_attn_norm):
         raise ValueError("the activation model covers the released Wan configs (qk_norm, cross_attn_norm)")
     fp8_dtype, dtype = _storage(weights, compute_dtype)
@@ -356,6 +364,9 @@ def dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int = 
     return Activations(tokens, batch, kernel, held=block.start - residual, block=block.peak - block.start,
                        peak=peak.peak, phase=peak.name, residual=residual, terms=tuple(peak.terms.items()),
                        at_peak=tuple(sorted(peak.at_peak, key=lambda t: -t.nbytes)), phases=tuple(phases.values()))
+
+
+dit_activations.cache_clear = _dit_activations.cache_clear  # tests that patch the model re-trace
 
 
 # ----------------------------------------------------------------------------- the plan
