@@ -72,3 +72,58 @@ def test_unknown_model_family(tmp_path):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(path))
     with pytest.raises(CheckpointError, match=r"sd15.safetensors: not a Wan diffusion model \(DiT\)"):
         open_checkpoint(path, expect="dit")
+
+
+# --- broken headers: each is a CheckpointError naming the file and what is wrong ---------------
+
+def _raw_file(path, header, data: bytes = b"") -> None:
+    import json
+    import struct
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+
+
+GOOD = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+BROKEN_HEADERS = {
+    "not an object": ({"a": 5}, 16, r"tensor 'a' is not an object"),
+    "no dtype": ({"a": {"shape": [2, 2], "data_offsets": [0, 16]}}, 16, r"tensor 'a' has unknown dtype None"),
+    "unknown dtype": ({"a": dict(GOOD, dtype="Q4")}, 16, r"tensor 'a' has unknown dtype 'Q4'"),
+    "shape of strings": ({"a": dict(GOOD, shape=["2", 2])}, 16, r"tensor 'a' has shape \['2', 2\]"),
+    "negative dim": ({"a": dict(GOOD, shape=[-2, -2])}, 16, r"tensor 'a' has shape \[-2, -2\]"),
+    "one offset": ({"a": dict(GOOD, data_offsets=[0])}, 16, r"tensor 'a' has data_offsets \[0\]"),
+    "negative offset": ({"a": dict(GOOD, data_offsets=[-16, 0])}, 16, r"data_offsets \[-16, 0\]"),
+    "larger shape than bytes": ({"a": dict(GOOD, shape=[4096, 4096])}, 16,
+                                r"tensor 'a' is F32 \[4096, 4096\] \(67,108,864 bytes\) but its data_offsets span 16"),
+    "overlap": ({"a": GOOD, "b": dict(GOOD, data_offsets=[8, 24])}, 24, r"tensor 'b' at byte 8 overlaps"),
+    "gap": ({"a": GOOD, "b": dict(GOOD, data_offsets=[32, 48])}, 48, r"tensor 'b' at byte 32 leaves a gap of 16"),
+    "trailing bytes": ({"a": GOOD}, 20, r"4 bytes after its last tensor"),
+    "metadata not strings": ({"__metadata__": {"x": 1}, "a": GOOD}, 16, r"__metadata__ must map names to strings"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_HEADERS))
+def test_broken_header_is_named(tmp_path, case):
+    header, data_size, message = BROKEN_HEADERS[case]
+    path = tmp_path / "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"
+    _raw_file(path, header, bytes(data_size))
+    with pytest.raises(CheckpointError, match=r"^wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors: .*" + message):
+        open_checkpoint(path)
+
+
+def test_a_huge_header_is_refused_without_reading_it(tmp_path):
+    import struct
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 100 * 2**20))
+        f.truncate(8 + 100 * 2**20 + 64)  # sparse: nothing is written or read
+    with pytest.raises(CheckpointError, match=r"huge.safetensors: its header claims 104,857,600 bytes"):
+        open_checkpoint(path)
+
+
+def test_a_file_that_passes_the_header_checks_loads_with_safetensors(tmp_path):
+    """The checks are the format's own: what they accept, safetensors reads."""
+    path = tmp_path / "ok.safetensors"
+    save_file({"b": torch.ones(3), "a": torch.zeros(2, 2, dtype=torch.bfloat16)}, str(path))
+    from wanfit.wan.checkpoint import read_header
+    header, _ = read_header(path)
+    assert set(header) == {"a", "b"}

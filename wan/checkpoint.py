@@ -8,6 +8,7 @@ Tensors are read one at a time from the memory-mapped file only when a model is 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -93,8 +94,17 @@ class Checkpoint:
             return f.get_tensor(self.prefix + key)
 
 
+MAX_HEADER_BYTES = 16 * 2**20  # a Wan 14B DiT's header is about 150 KB; no model file needs 16 MiB
+
+
 def read_header(path: Path) -> tuple[dict, dict[str, str]]:
-    """Parse and check a safetensors header; raise CheckpointError naming the file if broken."""
+    """Parse and check a safetensors header; raise CheckpointError naming the file if broken.
+
+    Checked as the safetensors format defines it, so that a file passing here also loads:
+    a JSON object of tensors, each with a known dtype, a shape of non-negative integers and
+    two data offsets; each tensor's byte range is its shape times its dtype's size; the
+    ranges follow each other from 0 without gaps or overlaps and end where the file does.
+    """
     name = path.name
     try:
         size = path.stat().st_size
@@ -103,10 +113,13 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
             if len(head) < 8:
                 raise CheckpointError(f"{name}: file is {size} bytes, too short to be a safetensors file")
             (header_len,) = struct.unpack("<Q", head)
-            if header_len <= 1 or 8 + header_len > size or header_len > 100 * 2**20:
+            if header_len <= 1 or 8 + header_len > size:
                 raise CheckpointError(
                     f"{name}: not a safetensors file (header length {header_len} does not fit a "
                     f"{size}-byte file); expected a .safetensors model")
+            if header_len > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{name}: its header claims {header_len:,} bytes; a model file's header is "
+                                      f"under {MAX_HEADER_BYTES // 2**20} MiB, so this is not a model WanFit can read")
             raw = f.read(header_len)
     except OSError as err:
         raise CheckpointError(f"{name}: cannot read ({err.strerror or err})") from err
@@ -118,12 +131,44 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    data_end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if 8 + header_len + data_end > size:
-        raise CheckpointError(
-            f"{name}: truncated: the header promises {8 + header_len + data_end} bytes, the file has "
-            f"{size}; download it again")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{name}: broken safetensors header: __metadata__ must map names to strings")
+    _check_entries(name, header, size - 8 - header_len)
     return header, metadata
+
+
+def _check_entries(name: str, header: dict, data_size: int) -> None:
+    ranges = []
+    for key, info in header.items():
+        def broken(what: str) -> CheckpointError:
+            return CheckpointError(f"{name}: broken safetensors header: tensor {key!r} {what}")
+        if not isinstance(info, dict):
+            raise broken("is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+            raise broken(f"has unknown dtype {dtype!r} (known: {', '.join(_SAFETENSORS_DTYPES)})")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise broken(f"has shape {shape!r}; expected a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(n) is int for n in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise broken(f"has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
+        expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise broken(f"is {dtype} {shape} ({expected:,} bytes) but its data_offsets span "
+                         f"{offsets[1] - offsets[0]:,} bytes")
+        ranges.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(ranges):
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else f"leaves a gap of {begin - end:,} bytes"
+            raise CheckpointError(f"{name}: broken safetensors header: tensor {key!r} at byte {begin:,} {what}")
+        end = stop
+    if end > data_size:
+        raise CheckpointError(
+            f"{name}: truncated: the header promises {end:,} bytes of tensor data, the file has {data_size:,}; "
+            "download it again")
+    if end < data_size:
+        raise CheckpointError(f"{name}: broken safetensors file: {data_size - end:,} bytes after its last tensor")
 
 
 def _split_prefix(keys: list[str]) -> str:
