@@ -4,7 +4,14 @@ Classifier-free guidance runs cond and uncond as one batch of two (one pass thro
 blocks, so block swap moves each block once per step) or one after the other (half the
 activation memory). ``run_blocks`` is the hook where the memory engine and step caches take
 over the block stack; by default the blocks run in order on the model's own device. Each
-call says what it computes (``DiTCall``: step, sigma, the branch of each batch row).
+call says what it computes (``DiTCall``: step, sigma, the branch of each batch row, the
+context window).
+
+With ``windows`` (context windows, ``optim/context.py``) a step runs the DiT once per window on
+that window's latent frames, with the i2v conditioning cut to the same frames, and fuses the
+windows' guided velocities with per-frame weights; one window's activations exist at a time.
+What lives behind ``run_blocks`` (block swap, fp8, LoRA, step caches) sees ordinary calls,
+each tagged with its window's index.
 """
 from __future__ import annotations
 
