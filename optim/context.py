@@ -153,8 +153,8 @@ def schedule_windows(schedule: str, frames: int, length: int, overlap: int, stri
 
 
 def fuse_weights(method: str, window: Sequence[int], frames: int, overlap: int) -> Tensor:
-    """Un-normalised float32 weight of each of the window's frames, as ComfyUI weighs them
-    (``relative``: the bias ComfyUI's running weighted average uses)."""
+    """Un-normalised weight of each of the window's frames, as ComfyUI weighs them: float32, as
+    its tensors; ``relative``: float64, the bias its running weighted average uses."""
     n = len(window)
     if method == "flat":
         return torch.ones(n)
