@@ -43,6 +43,24 @@ TOOLTIPS = {
     "prefetch": "Swapped blocks copied ahead while earlier blocks compute (1 hides the copies; 0 = synchronous).",
     "pin_memory": "Keep swapped blocks in pinned host RAM so copies run asynchronously.",
     "offload_embeddings": "Keep the text / image embedding layers in host RAM; they visit the GPU for their call.",
+    "context_length": "Frames per context window, 4n+1 video frames (81 = 21 latent frames). Memory follows this, "
+                      "not the video length; videos no longer than one window run whole.",
+    "context_overlap": "Video frames shared by neighbouring windows (ceil(overlap / 4) latent frames); more overlap "
+                       "blends better and runs more windows.",
+    "context_schedule": "How windows are placed (ComfyUI's names): standard_static = fixed windows; "
+                        "standard_uniform = shifted every step; looped_uniform = may wrap from the end to the start; "
+                        "batched = side by side, no overlap.",
+    "context_stride": "Uniform schedules only: also run windows whose frames are 2, 4, ... apart (levels); "
+                      "1 = consecutive frames only.",
+    "closed_loop": "looped_uniform only: windows wrap around the end, for a video that loops.",
+    "fuse_method": "How overlapping windows blend per frame: pyramid (more weight mid-window), relative "
+                   "(by distance from the window centre), flat (plain mean), overlap-linear (linear ramps over "
+                   "the overlap).",
+    "freenoise": "FreeNoise: each window's new frames start from a shuffle of the previous window's noise, "
+                 "so windows agree better where they overlap.",
+    "anchor_start_image": "Image-to-video: every window's first frame gets the start image's conditioning, "
+                          "so the subject stays the same in windows far from the start.",
+    "context_windows": "Optional WanFit Context Windows settings: sample long videos window by window.",
 }
 
 
