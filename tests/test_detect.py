@@ -77,3 +77,39 @@ def test_rejects_other_layouts_and_variants():
         detect_dit_config({**shapes, "vace_blocks.0.after_proj.weight": (1536, 1536)})
     with pytest.raises(ValueError, match=r"blocks \[7\] are missing"):
         detect_dit_config({k: v for k, v in shapes.items() if not k.startswith("blocks.7.")})
+
+
+# --- every tensor's shape, from the header alone -----------------------------------------------
+
+def test_dit_shapes_cover_every_tensor_of_the_model():
+    from wanfit.wan.detect import dit_shapes
+    for name in ("Wan2.2 I2V-A14B expert", "Wan2.1 I2V 14B", "Wan2.2 TI2V-5B"):
+        assert dit_shapes(PRESETS[name]) == shapes_of(PRESETS[name])
+
+
+@pytest.mark.parametrize("key, shape, message", [
+    ("blocks.1.ffn.0.weight", (8960, 1000), r"tensor blocks\.1\.ffn\.0\.weight has shape \[8960, 1000\], but a "
+                                            r"Wan2\.1 T2V 1\.3B needs \[8960, 1536\]"),
+    ("blocks.29.self_attn.q.weight", (1536,), r"tensor blocks\.29\.self_attn\.q\.weight has shape \[1536\]"),
+    ("head.modulation", (1, 3, 1536), r"tensor head\.modulation has shape \[1, 3, 1536\]"),
+])
+def test_one_wrong_shape_anywhere_is_refused_by_name(key, shape, message):
+    from wanfit.wan.checkpoint import CheckpointError
+    from wanfit.wan.detect import verify_dit
+    shapes = {COMFY + k: v for k, v in shapes_of(PRESETS["Wan2.1 T2V 1.3B"]).items()}
+    assert verify_dit(shapes, "ok.safetensors") == PRESETS["Wan2.1 T2V 1.3B"]
+    shapes[COMFY + key] = shape
+    with pytest.raises(CheckpointError, match=r"^wan2\.1_t2v_1\.3B_fp16\.safetensors: " + message):
+        verify_dit(shapes, "wan2.1_t2v_1.3B_fp16.safetensors")
+
+
+def test_a_missing_tensor_and_fp8_extras():
+    from wanfit.wan.checkpoint import CheckpointError
+    from wanfit.wan.detect import verify_dit
+    shapes = dict(shapes_of(PRESETS["Wan2.1 T2V 1.3B"]))
+    shapes.update({"scaled_fp8": (0,), "blocks.0.self_attn.q.scale_weight": ()})  # Comfy-Org fp8 extras
+    verify_dit(shapes, "f.safetensors")
+    del shapes["blocks.7.cross_attn.norm_k.weight"]
+    with pytest.raises(CheckpointError, match=r"f\.safetensors: a Wan2\.1 T2V 1\.3B needs 1 tensors this file "
+                                              r"lacks, e\.g\. blocks\.7\.cross_attn\.norm_k\.weight"):
+        verify_dit(shapes, "f.safetensors")

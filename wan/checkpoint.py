@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +169,23 @@ def _check_entries(name: str, header: dict, data_size: int) -> None:
             "download it again")
     if end < data_size:
         raise CheckpointError(f"{name}: broken safetensors file: {data_size - end:,} bytes after its last tensor")
+
+
+def check_shapes(name: str, what: str, expected: Mapping[str, Sequence[int]],
+                 found: Mapping[str, Sequence[int]]) -> None:
+    """Raise CheckpointError naming the file when a tensor ``what`` (e.g. "a Wan2.2 I2V-A14B
+    expert") needs is missing from ``found`` or has another shape. Extra tensors are ignored:
+    loaders read only what the model has."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise CheckpointError(f"{name}: {what} needs {len(missing)} tensors this file lacks, e.g. "
+                              f"{', '.join(missing[:3])}")
+    wrong = [k for k in expected if tuple(found[k]) != tuple(expected[k])]
+    if wrong:
+        k = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(f"{name}: tensor {k} has shape {list(found[k])}, but {what} needs "
+                              f"{list(expected[k])}{more}")
 
 
 def _split_prefix(keys: list[str]) -> str:

@@ -1,11 +1,16 @@
 """Tell which Wan DiT a state dict holds from its tensor shapes alone (never a file name)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
-from .model import PRESETS, WanConfig
+import torch
+
+from .model import PRESETS, WanConfig, WanModel
 
 V = TypeVar("V")
 
@@ -85,3 +90,37 @@ def variant_name(config: WanConfig) -> str:
         return " / ".join(names)
     clip = ", CLIP" if config.clip else ""
     return f"Wan {config.model_type} (dim {config.dim}, {config.num_layers} layers{clip})"
+
+
+@functools.lru_cache(maxsize=32)
+def dit_shapes(config: WanConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a DiT of ``config`` has, with its shape (one block built on the meta
+    device, its keys repeated for every block)."""
+    with torch.device("meta"):
+        model = WanModel(dataclasses.replace(config, num_layers=1))
+    shapes = {}
+    for key, t in model.state_dict().items():
+        if key.startswith("blocks.0."):
+            for i in range(config.num_layers):
+                shapes[f"blocks.{i}.{key[len('blocks.0.'):]}"] = tuple(t.shape)
+        else:
+            shapes[key] = tuple(t.shape)
+    return shapes
+
+
+def verify_dit(shapes: Mapping[str, Sequence[int]], name: str) -> WanConfig:
+    """``detect_dit_config``, then every tensor checked against the detected config from the
+    header alone, so a file with one wrong shape is refused before any weight is read
+    (a CheckpointError naming ``name``)."""
+    from .checkpoint import CheckpointError, check_shapes
+
+    try:
+        config = detect_dit_config(shapes)
+    except ValueError as err:
+        raise CheckpointError(f"{name}: {err}") from err
+    found = {k: v for k, v in strip_prefix(shapes).items() if not _FP8_EXTRA.search(k)}
+    check_shapes(name, f"a {variant_name(config)}", dit_shapes(config), found)
+    return config
+
+
+_FP8_EXTRA = re.compile(r"(?:^scaled_fp8$|\.scale_(?:weight|input)$)")
