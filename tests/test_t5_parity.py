@@ -316,3 +316,19 @@ def test_rejects_other_models():
         transformers.T5Config(vocab_size=50, feed_forward_proj="gated-gelu", **TINY))
     with pytest.raises(ValueError, match="T5 v1.1"):
         detect_t5_config({k: v.shape for k, v in t5_v11.state_dict().items()})
+
+
+def test_every_tensor_shape_is_checked_from_the_header():
+    """The Comfy-Org fp8 layout (transformers names, scale_weight extras, spiece_model): one
+    wrong block tensor anywhere is refused by name, before any weight is read."""
+    import factory
+
+    from wanfit.wan.checkpoint import CheckpointError
+    from wanfit.wan.t5 import verify_t5
+
+    shapes = {k: tuple(v.shape) for k, v in factory._t5().items()}
+    assert verify_t5(shapes, "umt5.safetensors") == factory.T5
+    shapes["encoder.block.1.layer.1.DenseReluDense.wi_0.weight"] = (128, 60)
+    with pytest.raises(CheckpointError, match=r"^umt5\.safetensors: tensor blocks\.1\.ffn\.gate\.0\.weight has shape "
+                                              r"\[128, 60\], but a UMT5 encoder \(2 layers, width 64\) needs \[128, 64\]"):
+        verify_t5(shapes, "umt5.safetensors")

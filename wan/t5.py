@@ -286,3 +286,36 @@ def detect_t5_config(shapes: Mapping[str, Sequence[int]]) -> UMT5Config:
     return UMT5Config(vocab_size=vocab, d_model=d_model, d_kv=s["blocks.0.attn.q.weight"][0] // num_heads,
                       d_ff=s["blocks.0.ffn.gate.0.weight"][0], num_layers=num_layers,
                       num_heads=num_heads, num_buckets=num_buckets)
+
+
+def t5_shapes(config: UMT5Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a UMT5 encoder of ``config`` in the internal layout, with its shape
+    (one block built on the meta device, repeated for every block)."""
+    import dataclasses
+
+    with torch.device("meta"):
+        model = UMT5Encoder(dataclasses.replace(config, num_layers=1))
+    shapes = {}
+    for key, t in model.state_dict().items():
+        if key.startswith("blocks.0."):
+            for i in range(config.num_layers):
+                shapes[f"blocks.{i}.{key[len('blocks.0.'):]}"] = tuple(t.shape)
+        else:
+            shapes[key] = tuple(t.shape)
+    return shapes
+
+
+def verify_t5(shapes: Mapping[str, Sequence[int]], name: str) -> UMT5Config:
+    """``detect_t5_config`` and every tensor's shape checked against it, from the header
+    alone (``wan.checkpoint.check_shapes``); a CheckpointError naming ``name``."""
+    from .checkpoint import CheckpointError, check_shapes
+
+    try:
+        renamed = {new: tuple(shapes[old]) for old, new in t5_key_map(shapes.keys()).items()}
+        config = detect_t5_config(shapes)
+    except ValueError as err:
+        raise CheckpointError(f"{name}: {err}") from err
+    found = {k: v for k, v in renamed.items() if not k.endswith((".scale_weight", ".scale_input"))}
+    check_shapes(name, f"a UMT5 encoder ({config.num_layers} layers, width {config.d_model})",
+                 t5_shapes(config), found)
+    return config
