@@ -332,3 +332,18 @@ def test_every_tensor_shape_is_checked_from_the_header():
     with pytest.raises(CheckpointError, match=r"^umt5\.safetensors: tensor blocks\.1\.ffn\.gate\.0\.weight has shape "
                                               r"\[128, 60\], but a UMT5 encoder \(2 layers, width 64\) needs \[128, 64\]"):
         verify_t5(shapes, "umt5.safetensors")
+
+
+def test_a_garbage_embedded_tokenizer_is_named_not_sentencepiece_text(tmp_path):
+    import factory
+
+    from wanfit.optim.loading import load_text_encoder
+    from wanfit.wan.checkpoint import CheckpointError, open_checkpoint
+
+    sd = factory._t5()
+    sd["spiece_model"] = torch.frombuffer(bytearray(b"not a sentencepiece model at all" * 4), dtype=torch.uint8)
+    path = tmp_path / "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match=r"^umt5_xxl_fp8_e4m3fn_scaled\.safetensors: its sentencepiece "
+                                              r"tokenizer \(128 bytes\) is not a valid sentencepiece model$"):
+        load_text_encoder(open_checkpoint(path, expect="t5"))

@@ -57,7 +57,11 @@ class UMT5Tokenizer:
 
 def tokenizer_from_bytes(model: bytes, seq_len: int = TEXT_LEN) -> UMT5Tokenizer:
     """Tokenizer from a serialized SentencePiece ModelProto (``spiece.model`` contents)."""
-    sp = spm.SentencePieceProcessor(model_proto=bytes(model))
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=bytes(model))
+    except (RuntimeError, TypeError, OSError) as err:  # sentencepiece's own parse error text
+        raise ValueError(f"its sentencepiece tokenizer ({len(model):,} bytes) is not a valid "
+                         "sentencepiece model") from err
     if sp.eos_id() < 0 or sp.pad_id() < 0:
         raise ValueError("sentencepiece model has no EOS or no PAD id: not a T5 tokenizer")
     # Literal special-token text ("</s>", "<pad>", "<unk>") becomes that token, as in the HF
@@ -79,7 +83,10 @@ def tokenizer_from_json(text: str, seq_len: int = TEXT_LEN) -> UMT5Tokenizer:
     """Tokenizer from a HF ``tokenizer.json`` (needs the ``tokenizers`` package, as ComfyUI has)."""
     from tokenizers import Tokenizer  # lazy: only this path needs it
 
-    tok = Tokenizer.from_str(text)
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises its own Exception subclass
+        raise ValueError("its tokenizer.json is not a valid tokenizers file") from err
     tok.no_padding()  # a saved file may carry padding / truncation settings; we do our own
     tok.no_truncation()
     eos, pad = tok.token_to_id("</s>"), tok.token_to_id("<pad>")
