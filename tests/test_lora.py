@@ -89,18 +89,13 @@ def test_every_format_merges_to_w_plus_s_ba(files, fmt):
     print(f"{fmt}: {len(expected)} tensors patched ({', '.join(entry.lora.formats)})")
 
 
-def test_scales_follow_each_format():
+def test_scales_follow_each_format(files):
     """alpha / rank (lightx2v, kohya, bare), none (comfy, peft: 1), the diffusers metadata's
     lora_alpha / r with its rank and alpha patterns."""
-    shapes = factory.dit_shapes("i2v")
     scales = {}
     for fmt in factory.LORA_FORMATS:
-        sd, metadata, _ = factory.lora_file(fmt, shapes)
-        path = factory.Path(f"/tmp/wanfit_scale_{fmt}.safetensors")
-        save_file(sd, str(path), metadata=metadata or None)
-        deltas = lora.open_lora(path, shapes).deltas
+        deltas = _open(files, fmt).deltas
         scales[fmt] = {t: ds[0].scale for t, ds in deltas.items() if ds[0].low_rank}
-        path.unlink()
     assert set(scales["lightx2v"].values()) == {2.0} and set(scales["kohya"].values()) == {0.5}
     assert set(scales["comfy"].values()) == set(scales["peft"].values()) == {1.0}
     d = scales["diffusers"]
