@@ -107,8 +107,9 @@ class PreparedDiT:
             new = lora.patches_of(wanted, lora.is_fixed)
             names = sorted(set(old) | set(new))
             if names:
+                merge_dtype = loading.DTYPES.get(self.weight_format, self.dtype)
                 loading.reload_dit_tensors(self.model, self.ckpt, names, self.dtype, self.weight_format,
-                                           transform=lambda t: lora.MergedTensors(t, new))
+                                           transform=lambda t, keys: lora.MergedTensors(t, new, merge_dtype, keys))
             state.fixed, state.reads = wanted, names
             extra = lora.difference(wanted, state.merged)
             if extra:
@@ -159,8 +160,10 @@ def prepare_dit(ckpt: Checkpoint, device: torch.device | str | Backend, settings
         raise ValueError(f"LoRA modes must be merged or unmerged here, got {[m for _, m in loras]}")
     merged_ids = {id(a) for a in merged}
     patches = lora.patches_of(applied, lambda a, d: id(a) in merged_ids or lora.is_fixed(a, d))
+    merge_dtype = loading.DTYPES.get(weight_format, dtype)  # what load_dit casts to
     model = loading.load_dit(ckpt, dtype=dtype, weight_format=weight_format, device=place, attention=attention,
-                             transform=(lambda t: lora.MergedTensors(t, patches)) if patches else None)
+                             transform=(lambda t, keys: lora.MergedTensors(t, patches, merge_dtype, keys)) if patches
+                             else None)
     state = LoraState(merged=merged, fixed=applied)
     if unmerged:
         state.unmerged = lora.attach_unmerged(model, unmerged, dtype)

@@ -73,8 +73,9 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 def _convert_fp8_layers(module: nn.Module, info: Mapping[str, torch.dtype],
                         predicate: Callable[[str, tuple], bool], target: torch.dtype | None,
                         dtype: torch.dtype) -> set[str]:
-    """Swap meta ``nn.Linear`` layers for meta ``FP8Linear`` where the weight will be fp8."""
-    converted = set()
+    """Swap meta ``nn.Linear`` layers for meta ``FP8Linear`` where the weight will be fp8; returns
+    the paths of every ``FP8Linear`` (also those converted by an earlier call)."""
+    converted = {path for path, layer in module.named_modules() if isinstance(layer, fp8.FP8Linear)}
     for path, layer in list(module.named_modules()):
         if type(layer) is not nn.Linear:
             continue
@@ -166,8 +167,10 @@ def _fp8_plan(weight_format: str) -> tuple[torch.dtype | None, bool]:
     return None, True
 
 
-Transform = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
-"""Wraps the lazy tensors of a checkpoint, e.g. to merge a LoRA into each weight as it is read."""
+Transform = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.dtype]], Mapping[str, torch.Tensor]]
+"""``transform(tensors, fp8_keys)`` wraps the lazy tensors of a checkpoint, e.g. to merge a LoRA
+into each weight as it is read; ``fp8_keys`` maps the weights the model stores in fp8 to their
+fp8 dtype (a wrapper may hand those on already quantised, with their ``scale_weight``)."""
 
 
 def _fp8_predicate(weight_format: str) -> Callable[[str, tuple], bool]:
@@ -182,9 +185,9 @@ def load_dit(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, weight_forma
 
     ``weight_format``: "auto" keeps fp8 block weights as stored and casts the rest to
     ``dtype``; "bf16" / "fp16" / "fp32" dequantise everything; "fp8_*" quantises the block
-    Linears (norms, biases, embeddings, modulation and head stay in ``dtype``). A tensor
-    ``transform`` hands on in float32 (a merged LoRA) is cast, or requantised with a fresh
-    scale where the layer is fp8, as stored fp8 files are.
+    Linears (norms, biases, embeddings, modulation and head stay in ``dtype``). ``transform``
+    (see ``Transform``) wraps the file's tensors; what it hands on is loaded as if stored so:
+    a float tensor is cast or quantised, an fp8 one kept with its ``scale_weight``.
     """
     target, scaled = _fp8_plan(weight_format)
     predicate = _fp8_predicate(weight_format)
@@ -195,10 +198,12 @@ def load_dit(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, weight_forma
     with torch.device("meta"):
         model = WanModel(config, attention_backend=attention)
     info = {k: v.dtype for k, v in ckpt.tensors.items()}
+    dtype = DTYPES.get(weight_format, dtype)
+    fp8_layers = _convert_fp8_layers(model, info, predicate, target, dtype)
+    fp8_keys = {f"{path}.weight": model.get_submodule(path).weight.dtype for path in fp8_layers}
     with open_lazy(ckpt) as tensors:
-        return stream_weights(model, transform(tensors) if transform else tensors, info,
-                              DTYPES.get(weight_format, dtype), device, ckpt.name,
-                              fp8_target=target, fp8_scaled=scaled, fp8_predicate=predicate)
+        return stream_weights(model, transform(tensors, fp8_keys) if transform else tensors, info, dtype, device,
+                              ckpt.name, fp8_target=target, fp8_scaled=scaled, fp8_predicate=predicate)
 
 
 def reload_dit_tensors(model: WanModel, ckpt: Checkpoint, names: list[str], dtype: torch.dtype = torch.bfloat16,
@@ -209,8 +214,10 @@ def reload_dit_tensors(model: WanModel, ckpt: Checkpoint, names: list[str], dtyp
     Parameter and buffer objects are replaced: detach any block swap first."""
     target, scaled = _fp8_plan(weight_format)
     dtype = DTYPES.get(weight_format, dtype)
+    fp8_keys = {f"{path}.weight": layer.weight.dtype for path, layer in model.named_modules()
+                if isinstance(layer, fp8.FP8Linear)}
     with open_lazy(ckpt) as tensors:
-        tensors = transform(tensors) if transform else tensors
+        tensors = transform(tensors, fp8_keys) if transform else tensors
         for name in names:
             owner, _, attr = name.rpartition(".")
             layer = model.get_submodule(owner) if owner else model

@@ -24,9 +24,10 @@ Two ways to apply them (``LORA_MODES``; "auto" picks merged unless the weights c
 a merge, e.g. GGUF):
 
 - merged: :class:`MergedTensors` wraps the checkpoint's lazy tensors, so each patched weight
-  is read, dequantised (fp8: with its scale) to float32, patched and handed on to be cast
-  or requantised (fp8: with a fresh scale), one tensor at a time (one float32 layer of
-  extra host RAM at most);
+  is read, dequantised (fp8: with its scale) and patched in float32 a chunk of rows at a
+  time, then rounded once to the compute dtype or, where the model stores it in fp8,
+  requantised with a fresh scale (two passes: amax, then quantise): a float32 chunk of
+  extra host RAM (plus the patched tensor where it is not fp8);
 - unmerged: :func:`attach_unmerged` registers the factors as buffers of each Linear layer
   (so block swap moves them with their block) and a forward hook adds
   ``(x @ down.T) @ up.T`` in place to the layer's output, on nn.Linear and FP8Linear alike.
@@ -487,54 +488,144 @@ class _Readers:
         return handle.get_tensor(key)
 
 
-def add_deltas(w: torch.Tensor, patches: Iterable[tuple[AppliedLora, Delta]], read=None) -> torch.Tensor:
-    """Add ``strength * delta`` of each patch to the float32 tensor ``w`` in place; returns ``w``.
-    Low-rank deltas go through one ``addmm_`` (no full-size delta is materialised)."""
-    read = read or _Readers()
+CHUNK = 1 << 20  # elements patched in float32 at a time (4 MiB)
+
+
+_SCRATCH_MIN = (1 << 20) // 4 + 1  # float32 elements: past hostmem's mmap threshold (1 MiB)
+
+
+def float32_copies(*tensors: torch.Tensor, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Float32 copies of ``tensors`` (2-D, flattened from dim 1) in one buffer of at least 1 MiB.
+
+    Why one padded buffer: LoRA factors are small (a rank-64 factor of a 5120-wide layer is
+    1.3 MiB in float32, of a tiny one a few KiB). Copied one by one they come from glibc's heap,
+    between the model's own small tensors loaded meanwhile, and the holes they leave stay
+    resident; past the mmap threshold (``hostmem.mmap_large_allocations``) the buffer is a
+    mapping of its own, returned to the system when freed."""
+    shapes = [(t.shape[0], t[0].numel() if t.shape[0] else 0) for t in tensors]
+    total = sum(r * c for r, c in shapes)
+    buf = torch.empty(max(total, _SCRATCH_MIN), dtype=torch.float32, device=device)
+    out, at = [], 0
+    for t, (r, c) in zip(tensors, shapes):
+        out.append(buf[at:at + r * c].view(r, c).copy_(t.reshape(r, c)))
+        at += r * c
+    return out
+
+
+def _terms(patches: Iterable[tuple[AppliedLora, Delta]], shape: tuple[int, ...], read) -> list:
+    """(strength * scale, full delta or None, up or None, down or None) per patch, factors in float32."""
+    terms = []
     for a, d in patches:
-        s = a.strength * d.scale
-        if d.diff is not None:
-            w.add_(read(a.lora, d.diff).to(torch.float32).reshape(w.shape), alpha=s)
+        diff = None if d.diff is None else read(a.lora, d.diff).reshape(shape)
+        up = down = None
         if d.low_rank:
-            up = read(a.lora, d.up).to(torch.float32).flatten(1)
-            down = read(a.lora, d.down).to(torch.float32).flatten(1)
-            w.view(w.shape[0], -1).addmm_(up, down, alpha=s)
-    return w
+            up, down = float32_copies(read(a.lora, d.up), read(a.lora, d.down))
+        terms.append((a.strength * d.scale, diff, up, down))
+    return terms
+
+
+def _patched_chunks(value: torch.Tensor, terms: list, scale: float):
+    """Yield (row slice, float32 rows of ``value * scale + deltas``) over ``value`` viewed as 2-D,
+    ``CHUNK`` elements at a time; low-rank deltas enter as ``up[rows] @ down``."""
+    flat = value.reshape(1, -1) if value.ndim < 2 else value
+    step = max(1, CHUNK // max(1, flat[0].numel()))
+    for r0 in range(0, flat.shape[0], step):
+        rows = slice(r0, r0 + step)
+        w = flat[rows].to(torch.float32, copy=True)
+        if scale != 1.0:
+            w.mul_(scale)
+        for s, diff, up, down in terms:
+            if diff is not None:
+                w.add_(diff.reshape(flat.shape)[rows].to(torch.float32), alpha=s)
+            if up is not None:
+                w.view(w.shape[0], -1).addmm_(up[rows], down, alpha=s)
+        yield rows, w
+
+
+def _scale_of(value: torch.Tensor, scale) -> float:
+    if scale is None or not fp8.is_fp8(value.dtype):
+        return 1.0
+    return float(scale.item() if isinstance(scale, torch.Tensor) else scale)
+
+
+def merge(value: torch.Tensor, patches: Iterable[tuple[AppliedLora, Delta]], dtype: torch.dtype = torch.float32,
+          scale: torch.Tensor | float | None = None, read=None) -> torch.Tensor:
+    """``value + sum(strength * delta)`` computed in float32 a few rows at a time and rounded
+    once to ``dtype``: the transient memory is the ``dtype`` result and one float32 chunk. An
+    fp8 ``value`` is dequantised with ``scale`` first. Full deltas (``diff``) are read whole
+    (they patch small tensors: norms, biases, modulation)."""
+    terms = _terms(patches, value.shape, read or _Readers())
+    flat_shape = (1, value.numel()) if value.ndim < 2 else value.shape
+    out = torch.empty(flat_shape, dtype=dtype)
+    for rows, w in _patched_chunks(value, terms, _scale_of(value, scale)):
+        out[rows] = w
+    return out.reshape(value.shape)
+
+
+def merge_fp8(value: torch.Tensor, patches: Iterable[tuple[AppliedLora, Delta]], fmt: torch.dtype,
+              scale: torch.Tensor | float | None = None, read=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge`` straight into fp8: ``(w8, scale)`` with a fresh per-tensor scale
+    ``amax / fp8_max`` of the patched float32 weight, as ``fp8.quantize_weight`` defines it.
+    Two passes over the rows (the first finds amax), so no full-size copy of the weight
+    exists besides the fp8 result: the transient memory is one float32 chunk."""
+    terms = _terms(patches, value.shape, read or _Readers())
+    dequant, fmax = _scale_of(value, scale), fp8.FP8_MAX[fmt]
+    amax = torch.zeros((), dtype=torch.float32)
+    for _, w in _patched_chunks(value, terms, dequant):
+        lo, hi = w.aminmax()
+        amax = torch.maximum(amax, torch.maximum(lo.abs(), hi.abs()))
+    new_scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    w8 = torch.empty(value.shape, dtype=fmt)
+    flat = w8.view(1, -1) if value.ndim < 2 else w8
+    for rows, w in _patched_chunks(value, terms, dequant):
+        flat[rows] = w.div_(new_scale).clamp_(-fmax, fmax)
+    return w8, new_scale
 
 
 def delta_tensor(patches: Iterable[tuple[AppliedLora, Delta]], shape: tuple[int, ...]) -> torch.Tensor:
     """The summed float32 delta of ``patches`` for a tensor of ``shape`` (for checks and tests)."""
-    return add_deltas(torch.zeros(shape), patches)
+    return merge(torch.zeros(shape), patches)
 
 
 class MergedTensors(Mapping):
     """A model's lazy ``{key: tensor}`` view (see ``loading.LazyStateDict``) with LoRA deltas
     added as each tensor is read.
 
-    A patched tensor comes back in float32: fp8 values dequantised with their
-    ``<layer>.scale_weight`` first, the deltas added, so the loader casts it once or
-    quantises it afresh (a new per-tensor scale). Other tensors pass through untouched.
-    At most one patched float32 tensor is alive at a time while a model streams.
+    A patched tensor is dequantised (fp8: with its ``<layer>.scale_weight``) and patched in
+    float32 a chunk of rows at a time. Weights the model stores in fp8 (``fp8_keys``) come
+    back requantised with a fresh per-tensor scale, served as that layer's ``scale_weight``
+    (its file ``scale_input`` is dropped); the rest come back in ``dtype``, the loader's
+    compute dtype. Other tensors pass through untouched. While a model streams, the extra
+    host memory is a float32 chunk, plus the patched tensor itself where it is not fp8.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], patches: Patches):
-        self._tensors, self._patches = tensors, patches
+    def __init__(self, tensors: Mapping[str, torch.Tensor], patches: Patches, dtype: torch.dtype = torch.float32,
+                 fp8_keys: Mapping[str, torch.dtype] | None = None):
+        self._tensors, self._patches, self._dtype = tensors, patches, dtype
+        self._fp8 = {k: v for k, v in (fp8_keys or {}).items() if k in patches}
+        self._scales: dict[str, torch.Tensor] = {}  # layer -> fresh scale of its requantised weight
         self._read = _Readers()
         self.merged: list[str] = []  # keys patched so far, in order
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        owner, _, attr = key.rpartition(".")
+        weight = f"{owner}.weight"
+        if attr in ("scale_weight", "scale_input") and weight in self._fp8:
+            if attr == "scale_input":  # a scale for the old weight's inputs: dropped with it
+                raise KeyError(key)
+            if owner not in self._scales:
+                self[weight]
+            return self._scales[owner]
         value = self._tensors[key]
         patches = self._patches.get(key)
         if not patches:
             return value
-        if fp8.is_fp8(value.dtype):
-            scale = self._tensors.get(f"{key.rpartition('.')[0]}.scale_weight")
-            w = fp8.dequantize(value, 1.0 if scale is None else scale, torch.float32)
-        else:
-            w = value.to(torch.float32, copy=True)
-        del value
+        scale = self._tensors.get(f"{owner}.scale_weight") if fp8.is_fp8(value.dtype) else None
         self.merged.append(key)
-        return add_deltas(w, patches, self._read)
+        if key in self._fp8:
+            w8, self._scales[owner] = merge_fp8(value, patches, self._fp8[key], scale, self._read)
+            return w8
+        return merge(value, patches, self._dtype, scale, self._read)
 
     def __iter__(self):
         return iter(self._tensors)
@@ -543,14 +634,16 @@ class MergedTensors(Mapping):
         return len(self._tensors)
 
 
-def merge_host_bytes(patches: Patches) -> int:
-    """Host bytes a merged load holds on top of an unpatched one, at its peak: the largest
-    patched tensor in float32 plus its factors in float32 (then freed)."""
-    peak = 0
+def merge_host_bytes(patches: Patches, dtype: torch.dtype, fp8_keys: Iterable[str] = ()) -> int:
+    """Host bytes a merged load holds on top of an unpatched one, at its peak: one float32
+    chunk and a tensor's factors in float32, plus the patched tensor in ``dtype`` where the
+    model does not store it in fp8 (``fp8_keys``: the fp8 result is what a plain load holds too)."""
+    fp8_keys, peak = set(fp8_keys), 0
     for target, items in patches.items():
-        a = items[0][0]
-        factors = sum(math.prod(a.lora.shapes[k]) for x, d in items for k in (d.up, d.down) if k)
-        peak = max(peak, 4 * (math.prod(a.lora.targets[target]) + factors))
+        numel = math.prod(items[0][0].lora.targets[target])
+        factors = sum(math.prod(x.lora.shapes[k]) for x, d in items for k in (d.up, d.down) if k)
+        own = 0 if target in fp8_keys else numel * dtype.itemsize
+        peak = max(peak, own + 4 * (min(numel, CHUNK) + factors))
     return peak
 
 
@@ -655,9 +748,11 @@ def attach_unmerged(model: nn.Module, applied: Iterable[AppliedLora], dtype: tor
         if device.type != "meta":
             at = 0
             for a, d in items:
-                down[at:at + d.rank] = read(a.lora, d.down).to(device, torch.float32).flatten(1)
-                up[:, at:at + d.rank] = read(a.lora, d.up).to(device, torch.float32).flatten(1) * (a.strength * d.scale)
+                factor_up, factor_down = float32_copies(read(a.lora, d.up), read(a.lora, d.down))
+                down[at:at + d.rank] = factor_down
+                up[:, at:at + d.rank] = factor_up.mul_(a.strength * d.scale)
                 at += d.rank
+                del factor_up, factor_down
         layer.register_buffer("lora_down", down, persistent=False)
         layer.register_buffer("lora_up", up, persistent=False)
         result._hooks.append(layer.register_forward_hook(_lora_hook))

@@ -66,11 +66,9 @@ def test_diffusers_names_match_diffusers_own_converter():
     converted = convert_wan_transformer_to_diffusers({k: torch.empty(0) for k in sd})
     ours = set()
     for key in sd:
-        for suffix in (".weight", ".bias", ""):
-            if key.endswith(suffix) and (suffix or "." not in key[-12:] or key.endswith((".modulation", "emb_pos"))):
-                ours.add(lora.diffusers_name(key[:len(key) - len(suffix)]) + suffix)
-                break
-    assert set(converted) <= ours, sorted(set(converted) - ours)[:5]
+        module, _, suffix = key.rpartition(".")
+        ours.add(f"{lora.diffusers_name(module)}.{suffix}" if suffix in ("weight", "bias") else lora.diffusers_name(key))
+    assert set(converted) == ours, sorted(set(converted) ^ ours)[:5]
 
 
 @pytest.mark.parametrize("fmt", factory.LORA_FORMATS)
@@ -174,6 +172,7 @@ def test_fp8_scaled_source_is_dequantised_patched_and_requantised(files):
     prefix = "model.diffusion_model."
     key = "blocks.1.ffn.0.weight"
     w = fp8.dequantize(stored[prefix + key], stored[prefix + "blocks.1.ffn.0.scale_weight"], torch.float32)
+    # patched in float32, requantised with a fresh scale
     w8, scale = fp8.quantize_weight((w.double() + expected[key]).float(), torch.float8_e4m3fn)
     layer = model.blocks[1].ffn[0]
     assert isinstance(layer, fp8.FP8Linear) and layer.weight.dtype == torch.float8_e4m3fn
@@ -183,6 +182,26 @@ def test_fp8_scaled_source_is_dequantised_patched_and_requantised(files):
     bias = "blocks.1.ffn.0.bias"
     want = (stored[prefix + bias].double() + expected[bias]).to(torch.bfloat16)
     assert torch.equal(model.state_dict()[bias], want)
+
+
+def test_chunked_merge_equals_the_whole_tensor_formula(files, monkeypatch):
+    """A few rows at a time (here 300 elements: many chunks per weight) equals one float32 sum;
+    straight to fp8 it equals quantize_weight of that sum, bit for bit."""
+    entry = lora.AppliedLora(_open(files, "lightx2v", "fp8"), 0.9)
+    stored = load_file(str(files["fp8"].path))
+    key = "blocks.0.ffn.2.weight"
+    value, scale = stored["model.diffusion_model." + key], stored["model.diffusion_model.blocks.0.ffn.2.scale_weight"]
+    patches = lora.patches_of([entry])[key]
+    whole = fp8.dequantize(value, scale, torch.float32) + lora.delta_tensor(patches, value.shape)
+    monkeypatch.setattr(lora, "CHUNK", 300)
+    chunked = lora.merge(value, patches, torch.float32, scale)
+    assert _rel(chunked, whole) < 1e-6
+    w8, new_scale = lora.merge_fp8(value, patches, torch.float8_e4m3fn, scale)
+    ref8, ref_scale = fp8.quantize_weight(chunked, torch.float8_e4m3fn)
+    assert new_scale.item() == ref_scale.item()
+    assert torch.equal(w8.view(torch.uint8), ref8.view(torch.uint8))
+    bias = lora.merge(stored["model.diffusion_model.blocks.0.ffn.2.bias"], lora.patches_of([entry])["blocks.0.ffn.2.bias"])
+    assert bias.shape == (factory.DIT["dim"],)
 
 
 @pytest.mark.parametrize("mode", ["merged", "unmerged"])
