@@ -29,7 +29,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 import tempfile
