@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..optim.lora import LoraFile
 from ..optim.loading import WEIGHT_FORMATS
 from ..wan.attention import available_backends
 from ..wan.checkpoint import Checkpoint, CheckpointError, open_checkpoint
@@ -19,6 +20,19 @@ CATEGORY = "WanFit/loaders"
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 
 
+@dataclass(frozen=True, eq=False)
+class LoraChoice:
+    """One WanFit LoRA node's choice: the file (matched to the model), strength and mode."""
+
+    lora: LoraFile
+    strength: float
+    mode: str = "auto"
+
+    @property
+    def key(self) -> tuple:
+        return (*self.lora.key, self.strength, self.mode)
+
+
 @dataclass(eq=False)
 class ModelHandle:
     """A Wan DiT file and how to run it; weights are read by the sampler."""
@@ -29,6 +43,7 @@ class ModelHandle:
     compute_dtype: str = "bf16"
     attention: str = "auto"
     memory: object | None = None  # MemorySettings from a WanFit Memory node (nodes/memory.py)
+    loras: tuple[LoraChoice, ...] = ()  # from WanFit LoRA nodes, in chain order
 
     @property
     def name(self) -> str:
@@ -40,12 +55,23 @@ class ModelHandle:
 
     @property
     def key(self) -> tuple:
-        """What identifies the loaded weights: file (and its mtime) plus the options."""
+        """What identifies the base weights: file (and its mtime) plus the options; LoRAs apart."""
         stat = self.ckpt.path.stat()
         return (str(self.ckpt.path), stat.st_mtime_ns, self.weight_format, self.compute_dtype, self.attention)
 
+    @property
+    def lora_key(self) -> tuple:
+        """What identifies the LoRAs on top: each file (and mtime), strength and mode, in order."""
+        return tuple(choice.key for choice in self.loras)
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether a LoRA can be merged into these weights as they load (not GGUF blocks)."""
+        return self.ckpt.path.suffix.lower() != ".gguf" and not self.weight_format.startswith("gguf")
+
     def describe(self) -> str:
-        return f"{self.name} ({self.variant}, {self.config.model_type})"
+        loras = "".join(f" + {c.lora.name} x{c.strength:g}" for c in self.loras)
+        return f"{self.name} ({self.variant}, {self.config.model_type}){loras}"
 
 
 @dataclass(eq=False)

@@ -11,7 +11,7 @@ from ..optim import loading
 from ..optim.telemetry import Telemetry
 from ..wan.denoise import Conditioning, make_denoiser
 from ..wan.sampling import sample, seeded_noise
-from ..wan.schedulers import SOLVERS, boundary_step, flow_sigmas
+from ..wan.schedulers import SCHEDULES, SOLVERS, boundary_step, schedule_sigmas
 from . import comfy
 from .load import ModelHandle
 from .memory import JobPlan, plan_job
@@ -148,7 +148,8 @@ def _initial(handle: ModelHandle, embeds: ImageEmbeds, latent: dict | None, sche
     state = latent.get(SOLVER_STATE_KEY)
     previous = latent.get(SCHEDULE_KEY)
     if state and previous:
-        same = all(previous.get(k) == schedule[k] for k in ("steps", "shift", "scheduler"))
+        same = (all(previous.get(k) == schedule[k] for k in ("steps", "shift", "scheduler"))
+                and previous.get("schedule", "wan") == schedule["schedule"])
         if not same or previous.get("end_step") != schedule["start_step"]:
             state = None  # a different schedule: start the solver afresh, as ComfyUI would
     return x, state
@@ -167,6 +168,7 @@ _COMMON = {
     "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.01}),
     "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
     "scheduler": (list(SOLVERS), {"default": "unipc"}),
+    "schedule": (list(SCHEDULES), {"default": "wan"}),
 }
 
 
@@ -188,6 +190,7 @@ class WanFitSampler:
             "image_embeds": ("WANFIT_IMAGE_EMBEDS",),
             "steps": _COMMON["steps"], "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.1}),
             "shift": _COMMON["shift"], "seed": _COMMON["seed"], "scheduler": _COMMON["scheduler"],
+            "schedule": _COMMON["schedule"],
             "start_step": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS}),
             "end_step": ("INT", {"default": MAX_STEPS, "min": 0, "max": MAX_STEPS}),
             "add_noise": ("BOOLEAN", {"default": True}),
@@ -196,17 +199,18 @@ class WanFitSampler:
 
     def run(self, model: ModelHandle, text_embeds: TextEmbeds, image_embeds: ImageEmbeds, steps: int, cfg: float,
             shift: float, seed: int, scheduler: str, start_step: int, end_step: int, add_noise: bool,
-            return_with_leftover_noise: bool, latent: dict | None = None):
+            return_with_leftover_noise: bool, latent: dict | None = None, schedule: str = "wan"):
         end = min(end_step, steps)
-        schedule = dict(steps=steps, shift=shift, scheduler=scheduler, start_step=start_step, end_step=end)
-        x, state = _initial(model, image_embeds, latent, schedule)
-        sigmas = flow_sigmas(steps, shift)
+        sigmas = schedule_sigmas(schedule, steps, shift)
+        info = dict(steps=steps, shift=shift, scheduler=scheduler, schedule=schedule, start_step=start_step,
+                    end_step=end)
+        x, state = _initial(model, image_embeds, latent, info)
         noise = seeded_noise(seed, x.shape) if add_noise else None
         with Telemetry(comfy.compute_device()) as tel:
             result, job = run_pass(model, text_embeds, image_embeds, x, sigmas, scheduler, cfg, start_step, end,
                                    noise, add_noise, return_with_leftover_noise, state,
                                    _Progress(max(end - start_step, 1), start_step), tel)
-        return _output(result.latent, result.solver_state, schedule, [job], tel)
+        return _output(result.latent, result.solver_state, info, [job], tel)
 
 
 class WanFitTwoPassSampler:
@@ -228,6 +232,7 @@ class WanFitTwoPassSampler:
             "text_embeds": ("WANFIT_TEXT_EMBEDS",), "image_embeds": ("WANFIT_IMAGE_EMBEDS",),
             "steps": _COMMON["steps"], "cfg_high": cfg, "cfg_low": cfg,
             "shift": _COMMON["shift"], "seed": _COMMON["seed"], "scheduler": _COMMON["scheduler"],
+            "schedule": _COMMON["schedule"],
             "switch_at": (["step", "boundary"], {"default": "step"}),
             "switch_step": ("INT", {"default": 10, "min": 0, "max": MAX_STEPS}),
             "boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
@@ -235,10 +240,10 @@ class WanFitTwoPassSampler:
 
     def run(self, high_noise_model: ModelHandle, low_noise_model: ModelHandle, text_embeds: TextEmbeds,
             image_embeds: ImageEmbeds, steps: int, cfg_high: float, cfg_low: float, shift: float, seed: int,
-            scheduler: str, switch_at: str, switch_step: int, boundary: float):
+            scheduler: str, switch_at: str, switch_step: int, boundary: float, schedule: str = "wan"):
         check_pairing(high_noise_model, image_embeds)
         check_pairing(low_noise_model, image_embeds)
-        sigmas = flow_sigmas(steps, shift)
+        sigmas = schedule_sigmas(schedule, steps, shift)
         if switch_at == "boundary":
             b = boundary or BOUNDARIES.get(high_noise_model.config.model_type, 0.875)
             k = boundary_step(sigmas, b)
@@ -254,8 +259,8 @@ class WanFitTwoPassSampler:
             b, job_b = run_pass(low_noise_model, text_embeds, image_embeds, a.latent, sigmas, scheduler, cfg_low,
                                 k, steps, noise if add_noise else None, add_noise, False, a.solver_state, progress,
                                 tel)
-        schedule = dict(steps=steps, shift=shift, scheduler=scheduler, start_step=0, end_step=steps)
-        return _output(b.latent, b.solver_state, schedule, [job_a, job_b], tel)
+        info = dict(steps=steps, shift=shift, scheduler=scheduler, schedule=schedule, start_step=0, end_step=steps)
+        return _output(b.latent, b.solver_state, info, [job_a, job_b], tel)
 
 
 NODES = {cls.__name__: cls for cls in (WanFitSampler, WanFitTwoPassSampler)}

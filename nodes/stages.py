@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-from ..optim import loading, planner
+from ..optim import loading, lora, planner
 from ..optim.engine import PreparedDiT, SwapSettings, prepare_dit
 from . import comfy
 from .load import ModelHandle, VAEHandle
@@ -26,7 +26,7 @@ log = logging.getLogger("WanFit")
 GIB = 2**30
 MARGIN = 512 * 2**20  # cuBLAS / cuDNN workspaces and allocator slack on top of a stage's estimate
 
-_LOADED: dict = {"key": None, "model": None}
+_LOADED: dict = {"key": None, "model": None, "loras": ()}
 
 
 def release_model() -> None:
@@ -34,20 +34,47 @@ def release_model() -> None:
     if _LOADED["model"] is not None:
         _LOADED["model"].close()
     _LOADED["key"] = _LOADED["model"] = None
+    _LOADED["loras"] = ()
     gc.collect()
     comfy.free_memory_cache()
 
 
+def lora_modes(handle: ModelHandle) -> list[tuple[lora.AppliedLora, str]]:
+    """Each LoRA of ``handle`` with the mode a fresh load applies it in ("merged" / "unmerged")."""
+    return [(lora.AppliedLora(c.lora, c.strength), lora.resolve_mode(c.mode, handle.mergeable))
+            for c in handle.loras]
+
+
+def _holds(handle: ModelHandle, swap: SwapSettings) -> bool:
+    return _LOADED["model"] is not None and _LOADED["key"] == (handle.key, swap)
+
+
+def unmerged_loras(handle: ModelHandle, swap: SwapSettings) -> list[lora.AppliedLora]:
+    """The LoRAs ``get_model(handle, swap)`` would apply unmerged now: the unmerged-mode ones
+    on a fresh load; on a held model whose LoRAs changed, the whole difference from what was
+    merged into it. The memory plan counts their bytes (``lora.attach_unmerged`` on a meta model)."""
+    if _holds(handle, swap):
+        return lora.difference([a for a, _ in lora_modes(handle)], _LOADED["model"].loras.merged)
+    return [a for a, mode in lora_modes(handle) if mode == "unmerged"]
+
+
 def get_model(handle: ModelHandle, swap: SwapSettings) -> PreparedDiT:
     """The DiT for ``handle`` on the compute device, swapping as ``swap`` says; a different
-    one held before is released first, so two experts never share memory."""
-    key = (handle.key, swap)
-    if _LOADED["key"] != key:
-        release_model()
-        model = prepare_dit(handle.ckpt, comfy.compute_device(), swap, dtype=loading.DTYPES[handle.compute_dtype],
-                            weight_format=handle.weight_format, attention=handle.attention)
-        _LOADED.update(key=key, model=model)
-    return _LOADED["model"]
+    one held before is released first, so two experts never share memory. When only the
+    LoRAs (or their strengths) changed, the held model takes the change without reading its
+    weights again (see ``PreparedDiT.set_loras``)."""
+    if _holds(handle, swap):
+        if _LOADED["loras"] != handle.lora_key:
+            log.info("WanFit: %s: LoRAs changed; applying the change to the held weights (no reload)",
+                     handle.describe())
+            _LOADED["model"].set_loras([a for a, _ in lora_modes(handle)])
+            _LOADED["loras"] = handle.lora_key
+        return _LOADED["model"]
+    release_model()
+    model = prepare_dit(handle.ckpt, comfy.compute_device(), swap, dtype=loading.DTYPES[handle.compute_dtype],
+                        weight_format=handle.weight_format, attention=handle.attention, loras=lora_modes(handle))
+    _LOADED.update(key=(handle.key, swap), model=model, loras=handle.lora_key)
+    return model
 
 
 def stage_device(name: str, weight_bytes: int, work_bytes: int) -> torch.device:

@@ -42,6 +42,13 @@ TOOLTIPS = {
     "blocks_to_swap": "DiT blocks kept in host RAM and streamed in each step; -1 = the fewest that fit.",
     "prefetch": "Swapped blocks copied ahead while earlier blocks compute (1 hides the copies; 0 = synchronous).",
     "pin_memory": "Keep swapped blocks in pinned host RAM so copies run asynchronously.",
+    "lora_name": "LoRA file from the ComfyUI loras folder (.safetensors); checked against the model when the node "
+                 "runs, read when sampling.",
+    "strength": "LoRA strength: 1 as trained, 0 leaves the model as it is, negative subtracts it.",
+    "lora_mode": "auto merges the LoRA into the weights as they load (no cost per step); unmerged adds it at every "
+                 "matmul (needed for GGUF weights; costs its factors' memory and a little time per step).",
+    "schedule": "Sigma schedule: wan = the official Wan sampler's (shifted, from 0.999); simple = ComfyUI's simple "
+                "scheduler with ModelSamplingSD3 shift (from 1.0), what the lightx2v 4-step LoRAs expect.",
     "offload_embeddings": "Keep the text / image embedding layers in host RAM; they visit the GPU for their call.",
     "context_length": "Frames per context window, 4n+1 video frames (81 = 21 latent frames). Memory follows this, "
                       "not the video length; videos no longer than one window run whole.",

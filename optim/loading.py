@@ -73,8 +73,9 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
 def _convert_fp8_layers(module: nn.Module, info: Mapping[str, torch.dtype],
                         predicate: Callable[[str, tuple], bool], target: torch.dtype | None,
                         dtype: torch.dtype) -> set[str]:
-    """Swap meta ``nn.Linear`` layers for meta ``FP8Linear`` where the weight will be fp8."""
-    converted = set()
+    """Swap meta ``nn.Linear`` layers for meta ``FP8Linear`` where the weight will be fp8; returns
+    the paths of every ``FP8Linear`` (also those converted by an earlier call)."""
+    converted = {path for path, layer in module.named_modules() if isinstance(layer, fp8.FP8Linear)}
     for path, layer in list(module.named_modules()):
         if type(layer) is not nn.Linear:
             continue
@@ -145,6 +146,7 @@ def _load_fp8_weight(layer: fp8.FP8Linear, value: torch.Tensor, tensors: Mapping
     else:
         w = fp8.dequantize(value, 1.0 if scale is None else scale, torch.float32) if fp8.is_fp8(value.dtype) \
             else value  # quantize_weight upcasts chunk by chunk
+        target = target or layer.weight.dtype  # e.g. an fp8 file's weight with a LoRA merged in
         if scaled:
             w8, scale = fp8.quantize_weight(w, target)
         else:  # plain cast, as ComfyUI's weight_dtype fp8: no scale, values past the range clamp
@@ -165,19 +167,30 @@ def _fp8_plan(weight_format: str) -> tuple[torch.dtype | None, bool]:
     return None, True
 
 
+Transform = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.dtype]], Mapping[str, torch.Tensor]]
+"""``transform(tensors, fp8_keys)`` wraps the lazy tensors of a checkpoint, e.g. to merge a LoRA
+into each weight as it is read; ``fp8_keys`` maps the weights the model stores in fp8 to their
+fp8 dtype (a wrapper may hand those on already quantised, with their ``scale_weight``)."""
+
+
+def _fp8_predicate(weight_format: str) -> Callable[[str, tuple], bool]:
+    if weight_format in DTYPES:
+        return lambda key, shape: False  # dequantise every fp8 tensor
+    return fp8.should_quantize
+
+
 def load_dit(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, weight_format: str = "auto",
-             device: Placement = "cpu", attention: str = "auto") -> WanModel:
+             device: Placement = "cpu", attention: str = "auto", transform: Transform | None = None) -> WanModel:
     """Build the Wan DiT in ``ckpt``: shapes detected from the header, weights streamed.
 
     ``weight_format``: "auto" keeps fp8 block weights as stored and casts the rest to
     ``dtype``; "bf16" / "fp16" / "fp32" dequantise everything; "fp8_*" quantises the block
-    Linears (norms, biases, embeddings, modulation and head stay in ``dtype``).
+    Linears (norms, biases, embeddings, modulation and head stay in ``dtype``). ``transform``
+    (see ``Transform``) wraps the file's tensors; what it hands on is loaded as if stored so:
+    a float tensor is cast or quantised, an fp8 one kept with its ``scale_weight``.
     """
     target, scaled = _fp8_plan(weight_format)
-    if weight_format in DTYPES:
-        predicate = lambda key, shape: False  # noqa: E731 - dequantise every fp8 tensor
-    else:
-        predicate = fp8.should_quantize
+    predicate = _fp8_predicate(weight_format)
     try:
         config = detect_dit_config(ckpt.shapes)
     except ValueError as err:
@@ -185,9 +198,37 @@ def load_dit(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16, weight_forma
     with torch.device("meta"):
         model = WanModel(config, attention_backend=attention)
     info = {k: v.dtype for k, v in ckpt.tensors.items()}
+    dtype = DTYPES.get(weight_format, dtype)
+    fp8_layers = _convert_fp8_layers(model, info, predicate, target, dtype)
+    fp8_keys = {f"{path}.weight": model.get_submodule(path).weight.dtype for path in fp8_layers}
     with open_lazy(ckpt) as tensors:
-        return stream_weights(model, tensors, info, DTYPES.get(weight_format, dtype), device, ckpt.name,
-                              fp8_target=target, fp8_scaled=scaled, fp8_predicate=predicate)
+        return stream_weights(model, transform(tensors, fp8_keys) if transform else tensors, info, dtype, device,
+                              ckpt.name, fp8_target=target, fp8_scaled=scaled, fp8_predicate=predicate)
+
+
+def reload_dit_tensors(model: WanModel, ckpt: Checkpoint, names: list[str], dtype: torch.dtype = torch.bfloat16,
+                       weight_format: str = "auto", transform: Transform | None = None) -> None:
+    """Read the tensors ``names`` of a loaded DiT from ``ckpt`` again, as ``load_dit`` with the
+    same arguments would (``transform`` too), each onto the device it is on now. Used to
+    redo what a LoRA merged into a few small tensors without reading the rest of the file.
+    Parameter and buffer objects are replaced: detach any block swap first."""
+    target, scaled = _fp8_plan(weight_format)
+    dtype = DTYPES.get(weight_format, dtype)
+    fp8_keys = {f"{path}.weight": layer.weight.dtype for path, layer in model.named_modules()
+                if isinstance(layer, fp8.FP8Linear)}
+    with open_lazy(ckpt) as tensors:
+        tensors = transform(tensors, fp8_keys) if transform else tensors
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            layer = model.get_submodule(owner) if owner else model
+            current = getattr(layer, attr)
+            value = tensors[name]
+            if isinstance(layer, fp8.FP8Linear) and attr == "weight":
+                _load_fp8_weight(layer, value, tensors, owner, target, scaled, current.device)
+                continue
+            if fp8.is_fp8(value.dtype):
+                value = fp8.dequantize(value, tensors.get(f"{owner}.scale_weight", 1.0), dtype)
+            _set_tensor(model, name, value.to(device=current.device, dtype=current.dtype))
 
 
 def loaded_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:

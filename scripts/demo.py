@@ -1,12 +1,13 @@
-"""`make demo`: the bundled 81-frame Wan 2.2 A14B image-to-video workflow, queued over HTTP
-on a real ComfyUI with the pack installed; the video and a JSON report land under out/.
+"""`make demo`: the bundled 81-frame Wan 2.2 A14B image-to-video workflow (the lightx2v 4-step
+LoRAs, one per expert), queued over HTTP on a real ComfyUI with the pack installed; the video
+and a JSON report land under out/.
 
     make demo                                        # tiny embedded models, small size, CPU
     MODELS_DIR=/path/to/ComfyUI/models make demo     # the graph as shipped, on real weights
     COMFYUI_DIR=/path/to/ComfyUI make demo           # your ComfyUI instead of the vendored 2024 one
 
-With no MODELS_DIR, tiny random Wan checkpoints are written first under the real file names
-(out/models), so the job runs anywhere; the frames look like noise because the weights are
+With no MODELS_DIR, tiny random Wan checkpoints and LoRAs are written first under the real file
+names (out/models), so the job runs anywhere; the frames look like noise because the weights are
 random, and the graph is run at a small size with few steps (frames kept) because the 832x480
 decode alone takes minutes on a CPU. With MODELS_DIR the graph runs as shipped. --width,
 --height, --steps, --frames override either way. Progress comes from ComfyUI's websocket (each
@@ -33,7 +34,8 @@ from comfy_server import ComfyServer, EventStream, find_comfyui  # noqa: E402
 
 WORKFLOW = "wan22_i2v_a14b_81f_32gb"
 TINY = {"width": 112, "height": 64, "steps": 4}  # the embedded models: 832x480 aspect, small (CPU minutes)
-LOADERS = ("WanFitModelLoader", "WanFitTextEncoderLoader", "WanFitVAELoader", "WanFitCLIPVisionLoader")
+LOADERS = {"WanFitModelLoader": "file", "WanFitTextEncoderLoader": "file", "WanFitVAELoader": "file",
+           "WanFitCLIPVisionLoader": "file", "WanFitLoRA": "lora_name"}  # node -> its file input
 LOG_TAIL = 6000
 
 
@@ -74,7 +76,7 @@ def start_image(path: Path | None) -> bytes:
 
 
 def model_files(prompt: dict) -> list[str]:
-    return sorted({n["inputs"]["file"] for n in prompt.values() if n["class_type"] in LOADERS})
+    return sorted({n["inputs"][LOADERS[n["class_type"]]] for n in prompt.values() if n["class_type"] in LOADERS})
 
 
 def job_log(log: str) -> tuple[list[str], list[str]]:
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
         models = out / "models"
         print(f"No MODELS_DIR: tiny random models (the embedded default) in {models}; workflow {args.workflow} "
               f"shrunk to {shape}, {steps} steps (overrides {overrides}; the shipped graph is "
-              f"832x480 x 81 frames, 20 steps; set MODELS_DIR to run it on real weights)")
+              f"832x480 x 81 frames, 4 steps with the 4-step LoRAs; set MODELS_DIR to run it on real weights)")
         sys.path.insert(0, str(ROOT / "tests"))
         from pack import register
 

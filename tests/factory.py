@@ -157,3 +157,130 @@ def write_models(models_dir: str | Path, names: list[str] | None = None,
             tmp.rename(path)
         written[name] = path
     return written
+
+
+# ============================================================================ LoRA files
+# Tiny LoRAs for the tiny DiTs above, in every key format WanFit reads. Each builder also
+# returns what the LoRA should do, computed here from the stored tensors and the format's
+# own scaling rule (not by WanFit's code): {model key: float64 delta at strength 1}.
+
+LORA_RANK = 4
+LORA_FORMATS = ("lightx2v", "comfy", "bare", "kohya", "peft", "diffusers")
+_LORA_PREFIX = {"lightx2v": "diffusion_model.", "comfy": "model.diffusion_model.", "bare": "",
+                "kohya": "lora_unet_", "peft": "diffusion_model.", "diffusers": "transformer."}
+_LORA_ALPHA = {"lightx2v": 8.0, "kohya": 2.0, "bare": 4.0}  # with rank 4: scales 2, 0.5, 1
+_DIFFUSERS_CONFIG = {"r": LORA_RANK, "lora_alpha": 6.0, "rank_pattern": {"ffn.net.2": 2},
+                     "alpha_pattern": {"attn2.to_out.0": 1.0}}
+# diffusers' WanTransformer3DModel names of the tiny model's layers (as its converter renames them)
+_DIFFUSERS_NAMES = {"self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v",
+                    "o": "to_out.0", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+                    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+                    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+                    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+                    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+                    "time_projection.1": "condition_embedder.time_proj", "head.head": "proj_out"}
+
+
+def dit_shapes(model_type: str = "i2v", clip: bool = False) -> dict[str, tuple[int, ...]]:
+    """Internal key -> shape of a tiny factory DiT (no weights)."""
+    in_dim = {"t2v": 16, "i2v": 36, "ti2v": 48}[model_type]
+    config = WanConfig(model_type, in_dim=in_dim, out_dim=48 if model_type == "ti2v" else 16, clip=clip,
+                       clip_dim=CLIP_WIDTH, **DIT)
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in WanModel(config).state_dict().items()}
+
+
+def _diffusers_module(path: str) -> str:
+    if path in _DIFFUSERS_NAMES:
+        return _DIFFUSERS_NAMES[path]
+    block, i, rest = path.split(".", 2)
+    if rest in _DIFFUSERS_NAMES:
+        return f"{block}.{i}.{_DIFFUSERS_NAMES[rest]}"
+    attn, layer = rest.split(".")
+    return f"{block}.{i}.{_DIFFUSERS_NAMES[attn]}.{_DIFFUSERS_NAMES[layer]}"
+
+
+def lora_file(fmt: str, shapes: dict[str, tuple[int, ...]], seed: int = 0, rank: int = LORA_RANK,
+              blocks: set[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, torch.Tensor]]:
+    """(state dict, safetensors metadata, expected deltas) of a tiny LoRA in format ``fmt``.
+
+    Low-rank factors for every Linear (2-D weight; only blocks in ``blocks`` when given);
+    lightx2v adds .diff_b bias deltas, .diff norm deltas and .diff_m modulation deltas;
+    comfy adds a conv LoRA on patch_embedding and a .diff on head.modulation.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    prefix, sd, expected = _LORA_PREFIX[fmt], {}, {}
+    dtype = torch.bfloat16 if fmt == "lightx2v" else torch.float32
+
+    def put(key: str, t: torch.Tensor) -> torch.Tensor:
+        sd[key] = t.to(dtype).contiguous()
+        return sd[key].double()
+
+    def name(path: str) -> str:
+        if fmt == "diffusers":
+            return prefix + _diffusers_module(path)
+        return prefix + (path.replace(".", "_") if fmt == "kohya" else path)
+
+    for key, shape in shapes.items():
+        path = key.removesuffix(".weight")
+        block = int(path.split(".")[1]) if path.startswith("blocks.") else None
+        if blocks is not None and block not in blocks:
+            continue
+        if len(shape) == 2 and key.endswith(".weight"):
+            r = rank
+            if fmt == "diffusers" and path.endswith("ffn.2"):
+                r = _DIFFUSERS_CONFIG["rank_pattern"]["ffn.net.2"]
+            a_key, b_key = (("lora_A.weight", "lora_B.weight") if fmt in ("peft", "diffusers")
+                            else ("lora_down.weight", "lora_up.weight"))
+            down = put(f"{name(path)}.{a_key}", torch.randn(r, shape[1], generator=gen) / shape[1] ** 0.5)
+            up = put(f"{name(path)}.{b_key}", 0.2 * torch.randn(shape[0], r, generator=gen) / r ** 0.5)
+            scale = 1.0
+            if fmt in _LORA_ALPHA:
+                sd[f"{name(path)}.alpha"] = torch.tensor(_LORA_ALPHA[fmt])
+                scale = _LORA_ALPHA[fmt] / r
+            elif fmt == "diffusers":
+                alpha = 1.0 if path.endswith("cross_attn.o") else _DIFFUSERS_CONFIG["lora_alpha"]
+                scale = alpha / r
+            expected[key] = scale * up @ down
+            bias = f"{path}.bias"
+            if fmt == "lightx2v" and block is not None and bias in shapes:
+                expected[bias] = put(f"{name(path)}.diff_b", 0.05 * torch.randn(shapes[bias], generator=gen))
+        elif fmt == "lightx2v" and block is not None and len(shape) == 1 and "norm" in key:
+            suffix = "diff_b" if key.endswith(".bias") else "diff"
+            expected[key] = put(f"{name(path.removesuffix('.bias'))}.{suffix}", 0.05 * torch.randn(shape, generator=gen))
+        elif fmt == "lightx2v" and block is not None and key.endswith(".modulation"):
+            expected[key] = put(f"{prefix}blocks.{block}.diff_m", 0.02 * torch.randn(shape, generator=gen))
+    if fmt == "comfy":
+        out, cin, *kernel = shapes["patch_embedding.weight"]
+        down = put(f"{prefix}patch_embedding.lora_down.weight",
+                   torch.randn(rank, cin, *kernel, generator=gen) / (cin * 4) ** 0.5)
+        up = put(f"{prefix}patch_embedding.lora_up.weight", 0.2 * torch.randn(out, rank, 1, 1, 1, generator=gen))
+        expected["patch_embedding.weight"] = (up.flatten(1) @ down.flatten(1)).reshape(out, cin, *kernel)
+        expected["head.modulation"] = put(f"{prefix}head.modulation.diff",
+                                          0.02 * torch.randn(shapes["head.modulation"], generator=gen))
+    metadata = {}
+    if fmt == "diffusers":
+        import json
+
+        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(
+            {f"transformer.{k}": v for k, v in _DIFFUSERS_CONFIG.items()})}
+    return sd, metadata, expected
+
+
+def write_lora(path: str | Path, fmt: str, model_type: str = "i2v", seed: int = 0, **kwargs) -> dict[str, torch.Tensor]:
+    """Write a tiny LoRA for the factory DiT of ``model_type``; returns its expected deltas."""
+    sd, metadata, expected = lora_file(fmt, dit_shapes(model_type), seed, **kwargs)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata=metadata or None)
+    return expected
+
+
+def _lightx2v_lora(seed: int) -> Callable[[], dict[str, torch.Tensor]]:
+    return lambda: lora_file("lightx2v", dit_shapes("i2v"), seed)[0]
+
+
+# The bundled 4-step workflows' LoRAs (lightx2v key layout, made for the tiny i2v experts).
+FILES.update({
+    "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors": ("loras", _lightx2v_lora(21)),
+    "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors": ("loras", _lightx2v_lora(22)),
+})

@@ -49,6 +49,7 @@ def test_demo_writes_the_video_and_report(demo):
     with Image.open(report["video"]["file"]) as webp:
         assert webp.n_frames == 5 and webp.size == (32, 32)
     assert report["video"]["frames"] == 5
+    assert sum(n["class_type"] == "WanFitLoRA" for n in report["nodes"].values()) == 2  # the 4-step LoRA graph
     samplers = [n for n in report["nodes"].values() if n["class_type"] == "WanFitSampler"]
     assert len(samplers) == 2 and all(n["seconds"] > 0 for n in samplers)
     assert report["progress_steps"] == 2  # one step per chained sampler, from ComfyUI's progress events

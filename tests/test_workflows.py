@@ -13,8 +13,9 @@ from e2e import WORKFLOWS, api_workflow, build, node_of, small, upload_image, wa
 pytestmark = pytest.mark.e2e
 
 NAMES = sorted(build.GRAPHS)
-FRAMES = {"wan22_i2v_a14b_61f_32gb": 61, "wan22_i2v_a14b_81f_32gb": 81, "wan22_t2v_a14b_81f_32gb": 81,
-          "wan21_t2v_1.3b_low_ram": 81, "wan22_ti2v_5b_121f": 121}
+FRAMES = {"wan22_i2v_a14b_61f_32gb": 61, "wan22_i2v_a14b_81f_32gb": 81, "wan22_i2v_a14b_61f_32gb_20step": 61,
+          "wan22_i2v_a14b_81f_32gb_20step": 81, "wan22_t2v_a14b_81f_32gb": 81, "wan21_t2v_1.3b_low_ram": 81,
+          "wan22_ti2v_5b_121f": 121}
 LINK_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 
@@ -36,6 +37,28 @@ def _inputs(info: dict) -> dict:
 
 def _is_widget(spec) -> bool:
     return isinstance(spec[0], list) or spec[0] in LINK_TYPES
+
+
+def test_the_32gb_i2v_graphs_run_the_4step_loras():
+    """As the official ComfyUI template's "4steps LoRA" path: one LoRA per expert at strength 1,
+    4 steps, cfg 1, switch at 2, shift 5, euler on the simple schedule; _20step keeps 20 / 3.5."""
+    for frames in (61, 81):
+        prompt = api_workflow(f"wan22_i2v_a14b_{frames}f_32gb")
+        loras = {n["inputs"]["lora_name"]: k for k, n in prompt.items() if n["class_type"] == "WanFitLoRA"}
+        samplers = sorted((n["inputs"] for n in prompt.values() if n["class_type"] == "WanFitSampler"),
+                          key=lambda i: i["start_step"])
+        assert [(s["start_step"], min(s["end_step"], s["steps"])) for s in samplers] == [(0, 2), (2, 4)]
+        for expert, s in zip(("high", "low"), samplers):
+            assert (s["steps"], s["cfg"], s["shift"], s["scheduler"], s["schedule"]) == (4, 1.0, 5.0, "euler", "simple")
+            lora = prompt[loras[f"wan2.2_i2v_lightx2v_4steps_lora_v1_{expert}_noise.safetensors"]]
+            assert s["model"][0] == loras[lora["inputs"]["lora_name"]] and lora["inputs"]["strength"] == 1.0
+            model = prompt[lora["inputs"]["model"][0]]["inputs"]["file"]
+            assert model == f"wan2.2_i2v_{expert}_noise_14B_fp8_scaled.safetensors"
+        assert len(loras) == 2
+        base = api_workflow(f"wan22_i2v_a14b_{frames}f_32gb_20step")
+        assert {(n["inputs"]["steps"], n["inputs"]["cfg"]) for n in base.values()
+                if n["class_type"] == "WanFitSampler"} == {(20, 3.5)}
+        assert not any(n["class_type"] == "WanFitLoRA" for n in base.values())
 
 
 def test_files_are_current():

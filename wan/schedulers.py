@@ -51,6 +51,37 @@ def flow_timesteps(steps: int, shift: float, sigma_max: float = SIGMA_MAX, sigma
     return (_shifted_sigmas(steps, shift, sigma_max, sigma_min) * NUM_TRAIN_TIMESTEPS).to(torch.int64)
 
 
+def simple_sigmas(steps: int, shift: float, timesteps: int = NUM_TRAIN_TIMESTEPS) -> Tensor:
+    """Float32 sigmas ``[steps + 1]`` of ComfyUI's ``simple`` scheduler on a Wan model patched
+    by ModelSamplingSD3 (``ModelSamplingDiscreteFlow``, multiplier 1000), ending in 0.
+
+    That model's table holds ``shift * t / (1 + (shift - 1) * t)`` at ``t = i / 1000``,
+    ``i = 1 .. 1000``; ``simple`` walks it from the top in strides of ``1000 / steps``
+    (entry ``-(1 + int(x * 1000 / steps))`` for step ``x``). So it starts at exactly 1 where
+    the official Wan schedule starts at 0.999; the lightx2v 4-step LoRAs were distilled on it.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    t = torch.arange(1, timesteps + 1, dtype=torch.float64) / timesteps
+    table = t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+    stride = timesteps / steps
+    picks = [float(table[timesteps - 1 - int(x * stride)]) for x in range(steps)]
+    return torch.tensor([*picks, 0.0], dtype=torch.float32)
+
+
+SCHEDULES = ("wan", "simple")
+
+
+def schedule_sigmas(schedule: str, steps: int, shift: float) -> Tensor:
+    """The sigmas of a named schedule: "wan" (``flow_sigmas``, the official sampler's) or
+    "simple" (``simple_sigmas``, ComfyUI's ``simple`` with ModelSamplingSD3)."""
+    if schedule == "wan":
+        return flow_sigmas(steps, shift)
+    if schedule == "simple":
+        return simple_sigmas(steps, shift)
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
 def boundary_step(sigmas: Tensor, boundary: float) -> int:
     """First step whose timestep ``sigma * 1000`` falls below ``boundary * 1000``.
 

@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 # Output sockets (name, type) and linkable inputs (name, type), in INPUT_TYPES order.
 OUTPUTS = {
     "WanFitModelLoader": [("WANFIT_MODEL", "WANFIT_MODEL")],
+    "WanFitLoRA": [("WANFIT_MODEL", "WANFIT_MODEL")],
     "WanFitVAELoader": [("WANFIT_VAE", "WANFIT_VAE")],
     "WanFitTextEncoderLoader": [("WANFIT_TEXT_ENCODER", "WANFIT_TEXT_ENCODER")],
     "WanFitCLIPVisionLoader": [("WANFIT_CLIP_VISION", "WANFIT_CLIP_VISION")],
@@ -31,6 +32,7 @@ OUTPUTS = {
     "SaveAnimatedWEBP": [],
 }
 INPUTS = {
+    "WanFitLoRA": [("model", "WANFIT_MODEL")],
     "WanFitTextEncode": [("text_encoder", "WANFIT_TEXT_ENCODER")],
     "WanFitImageToVideoEncode": [("vae", "WANFIT_VAE"), ("start_image", "IMAGE"), ("end_image", "IMAGE"),
                                  ("clip_vision", "WANFIT_CLIP_VISION")],
@@ -119,13 +121,19 @@ def _model(id, file, pos, weight="auto", title=None):
 
 
 def _sampler(id, model, start, end, add_noise, leftover, pos, steps=20, cfg=3.5, shift=5.0, latent=None,
-             embeds=7, title=None):
+             embeds=7, title=None, scheduler="unipc", schedule="wan"):
     links = {"model": (model, 0), "text_embeds": (6, 0), "image_embeds": (embeds, 0)}
     if latent is not None:
         links["latent"] = (latent, 0)
-    return Node(id, "WanFitSampler", {"steps": steps, "cfg": cfg, "shift": shift, "seed": 42, "scheduler": "unipc",
-                                      "start_step": start, "end_step": end, "add_noise": add_noise,
-                                      "return_with_leftover_noise": leftover}, links, pos, title)
+    return Node(id, "WanFitSampler", {"steps": steps, "cfg": cfg, "shift": shift, "seed": 42, "scheduler": scheduler,
+                                      "schedule": schedule, "start_step": start, "end_step": end,
+                                      "add_noise": add_noise, "return_with_leftover_noise": leftover},
+                links, pos, title)
+
+
+def _lora(id, model, file, pos, title):
+    return Node(id, "WanFitLoRA", {"lora_name": file, "strength": 1.0, "lora_mode": "auto"}, {"model": (model, 0)},
+                pos, title)
 
 
 def _tail(vae, latent, prefix, fps, decode_id=10, save_id=11):
@@ -135,8 +143,15 @@ def _tail(vae, latent, prefix, fps, decode_id=10, save_id=11):
                  (1850, 200))]
 
 
-def wan22_i2v_a14b(frames: int) -> list[Node]:
-    return [
+LIGHTX2V = "wan2.2_i2v_lightx2v_4steps_lora_v1_{}_noise.safetensors"
+
+
+def wan22_i2v_a14b(frames: int, lora: bool = True) -> list[Node]:
+    """Wan 2.2 I2V-A14B, two chained samplers. With ``lora``: the lightx2v 4-step LoRAs (one per
+    expert), 4 steps at cfg 1 (no negative pass), switch at 2, euler on ComfyUI's simple
+    schedule, as the official ComfyUI template's "4steps LoRA" path. Without: 20 steps,
+    cfg 3.5, switch at 10, unipc on the official Wan schedule."""
+    nodes = [
         _model(1, "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", (0, 0), title="High-noise expert"),
         _model(2, "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors", (0, 180), title="Low-noise expert"),
         Node(3, "WanFitTextEncoderLoader", {"file": T5}, pos=(0, 360)),
@@ -146,10 +161,24 @@ def wan22_i2v_a14b(frames: int) -> list[Node]:
                                      "follows slowly", "negative": NEGATIVE}, {"text_encoder": (3, 0)}, (380, 300)),
         Node(7, "WanFitImageToVideoEncode", {"width": 832, "height": 480, "frames": frames},
              {"vae": (4, 0), "start_image": (5, 0)}, (380, 560)),
-        _sampler(8, 1, 0, 10, True, True, (780, 0), title="Sampler (high noise, steps 0-10)"),
-        _sampler(9, 2, 10, 10000, False, False, (780, 400), latent=8, title="Sampler (low noise, steps 10-20)"),
-        *_tail(4, 9, f"wanfit_i2v_a14b_{frames}f", 16),
     ]
+    if lora:
+        nodes += [
+            _lora(12, 1, LIGHTX2V.format("high"), (380, 0), "4-step LoRA (high noise)"),
+            _lora(13, 2, LIGHTX2V.format("low"), (380, 150), "4-step LoRA (low noise)"),
+            _sampler(8, 12, 0, 2, True, True, (780, 0), steps=4, cfg=1.0, scheduler="euler", schedule="simple",
+                     title="Sampler (high noise, steps 0-2)"),
+            _sampler(9, 13, 2, 10000, False, False, (780, 400), steps=4, cfg=1.0, scheduler="euler",
+                     schedule="simple", latent=8, title="Sampler (low noise, steps 2-4)"),
+        ]
+        prefix = f"wanfit_i2v_a14b_{frames}f"
+    else:
+        nodes += [
+            _sampler(8, 1, 0, 10, True, True, (780, 0), title="Sampler (high noise, steps 0-10)"),
+            _sampler(9, 2, 10, 10000, False, False, (780, 400), latent=8, title="Sampler (low noise, steps 10-20)"),
+        ]
+        prefix = f"wanfit_i2v_a14b_{frames}f_20step"
+    return [*nodes, *_tail(4, 9, prefix, 16)]
 
 
 def wan22_t2v_a14b() -> list[Node]:
@@ -162,8 +191,8 @@ def wan22_t2v_a14b() -> list[Node]:
                                      "negative": NEGATIVE}, {"text_encoder": (3, 0)}, (380, 300)),
         Node(7, "WanFitEmptyEmbeds", {"width": 832, "height": 480, "frames": 81}, pos=(380, 560)),
         Node(8, "WanFitTwoPassSampler", {"steps": 20, "cfg_high": 3.0, "cfg_low": 4.0, "shift": 12.0, "seed": 42,
-                                         "scheduler": "unipc", "switch_at": "boundary", "switch_step": 10,
-                                         "boundary": 0.875},
+                                         "scheduler": "unipc", "schedule": "wan", "switch_at": "boundary",
+                                         "switch_step": 10, "boundary": 0.875},
              {"high_noise_model": (1, 0), "low_noise_model": (2, 0), "text_embeds": (6, 0),
               "image_embeds": (7, 0)}, (780, 0)),
         *_tail(4, 8, "wanfit_t2v_a14b_81f", 16),
@@ -199,6 +228,8 @@ def wan22_ti2v_5b() -> list[Node]:
 GRAPHS = {
     "wan22_i2v_a14b_61f_32gb": lambda: wan22_i2v_a14b(61),
     "wan22_i2v_a14b_81f_32gb": lambda: wan22_i2v_a14b(81),
+    "wan22_i2v_a14b_61f_32gb_20step": lambda: wan22_i2v_a14b(61, lora=False),
+    "wan22_i2v_a14b_81f_32gb_20step": lambda: wan22_i2v_a14b(81, lora=False),
     "wan22_t2v_a14b_81f_32gb": wan22_t2v_a14b,
     "wan21_t2v_1.3b_low_ram": wan21_t2v_13b_low_ram,
     "wan22_ti2v_5b_121f": wan22_ti2v_5b,
