@@ -54,10 +54,12 @@ DIT_ARCHITECTURES = ("wan",)
 T5_ARCHITECTURES = ("t5encoder", "t5")
 ARCHITECTURES = {"dit": DIT_ARCHITECTURES, "t5": T5_ARCHITECTURES}
 
-# Dequantisation runs this many elements at a time, so its float32 intermediates stay small
-# next to the output; DEQUANT_WORK_BYTES bounds those intermediates per element of a chunk
-# (measured peak: 9 bytes, Q6_K / Q3_K; tests/test_gguf.py checks the bound on every type).
+# Dequantisation runs this many elements at a time, so its intermediates stay small next to
+# the output: on a GPU few enough chunks that kernel launches stay cheap (the biggest Wan
+# Linear, 5120 x 13824, takes 17), on the host a cache-sized piece. DEQUANT_WORK_BYTES bounds
+# the intermediates per element of a chunk (tests/test_gguf.py measures every type against it).
 DEQUANT_CHUNK = 1 << 22
+DEQUANT_CHUNK_CPU = 1 << 18
 DEQUANT_WORK_BYTES = 12
 
 
@@ -119,79 +121,85 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-# Each kernel maps [n, type_size] uint8 blocks to [n, block_size] float32, with the same
-# float32 operations in the same order as gguf.quants (so the results are bit-identical).
+# Each kernel decodes [n, type_size] uint8 blocks into ``out`` ([n, block_size], any float
+# dtype) with the float32 operations of gguf.quants in the same order, so a float32 ``out``
+# is bit-identical to it. Integer codes enter the last float op directly (int -> float32 is
+# exact) and that op writes ``out``, computing in float32 and rounding once on the store.
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).float().mul_(_f16(b, 0))
-
-
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    return _nibbles(b[:, 2:], 16).float().sub_(8).mul_(_f16(b, 0))
+def _q8_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    torch.mul(b[:, 2:].contiguous().view(torch.int8), _f16(b, 0), out=out)
 
 
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    return _nibbles(b[:, 4:], 16).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
+def _q4_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    torch.mul(_nibbles(b[:, 2:], 16).view(torch.int8) - 8, _f16(b, 0), out=out)
 
 
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 6:], 16) | (_bits(b[:, 2:6].reshape(-1, 4), (-1, 8, 4)).transpose(1, 2).reshape(-1, 32) << 4)
-    return q.float().sub_(16).mul_(_f16(b, 0))
+def _q4_1(b: torch.Tensor, out: torch.Tensor) -> None:
+    torch.add(torch.mul(_nibbles(b[:, 4:], 16), _f16(b, 0)), _f16(b, 2), out=out)
 
 
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 8:], 16) | (_bits(b[:, 4:8].reshape(-1, 4), (-1, 8, 4)).transpose(1, 2).reshape(-1, 32) << 4)
-    return q.float().mul_(_f16(b, 0)).add_(_f16(b, 2))
+def _high_bits32(qh: torch.Tensor) -> torch.Tensor:
+    """Q5_0 / Q5_1: bit j of the little-endian uint32 ``qh`` [n, 4] is element j's fifth bit."""
+    return _bits(qh, (-1, 8, 4)).transpose(1, 2).reshape(-1, 32)
 
 
-def _q2_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_0(b: torch.Tensor, out: torch.Tensor) -> None:
+    q = _nibbles(b[:, 6:], 16) | (_high_bits32(b[:, 2:6]) << 4)
+    torch.mul(q.view(torch.int8) - 16, _f16(b, 0), out=out)
+
+
+def _q5_1(b: torch.Tensor, out: torch.Tensor) -> None:
+    q = _nibbles(b[:, 8:], 16) | (_high_bits32(b[:, 4:8]) << 4)
+    torch.add(torch.mul(q, _f16(b, 0)), _f16(b, 2), out=out)
+
+
+def _q2_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n, scales = b.shape[0], b[:, :16]
-    dl = (_f16(b, 80) * (scales & 0x0F).float()).reshape(n, 16, 1)
-    ml = (_f16(b, 82) * (scales >> 4).float()).reshape(n, 16, 1)
+    dl = (_f16(b, 80) * (scales & 0x0F)).reshape(n, 16, 1)
+    ml = (_f16(b, 82) * (scales >> 4)).reshape(n, 16, 1)
     q = (b[:, 16:80].reshape(n, 2, 1, 32) >> _shifts(b.device, (0, 2, 4, 6), (1, 1, 4, 1))) & 3
-    return q.reshape(n, 16, 16).float().mul_(dl).sub_(ml).reshape(n, 256)
+    torch.sub(torch.mul(q.reshape(n, 16, 16), dl), ml, out=out.view(n, 16, 16))
 
 
-def _q3_k(b: torch.Tensor) -> torch.Tensor:
+def _q3_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n, scales = b.shape[0], b[:, 96:108]
     low = (scales[:, :8].reshape(n, 1, 8) >> _shifts(b.device, (0, 4), (1, 2, 1))).reshape(n, 16)
     high = (scales[:, 8:].reshape(n, 1, 4) >> _shifts(b.device, (0, 2, 4, 6), (1, 4, 1))).reshape(n, 16)
-    sc = ((low & 0x0F) | ((high & 3) << 4)).float().sub_(32)
+    sc = ((low & 0x0F) | ((high & 3) << 4)).view(torch.int8) - 32
     dl = (_f16(b, 108) * sc).reshape(n, 16, 1)
     ql = (b[:, 32:96].reshape(n, 2, 1, 32) >> _shifts(b.device, (0, 2, 4, 6), (1, 1, 4, 1))).reshape(n, 16, 16) & 3
     qh = _bits(b[:, :32], (n, 16, 16)) ^ 1  # the offset of 4 applies where the mask bit is 0
-    q = ql.float().sub_((qh << 2).float())
-    return q.mul_(dl).reshape(n, 256)
+    torch.mul(ql.view(torch.int8) - (qh << 2).view(torch.int8), dl, out=out.view(n, 16, 16))
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _k4_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: per 32-value sub-block scale d * sc and offset dmin * m, [n, 8, 1]."""
     n = b.shape[0]
     sc, mn = _scale_min_k4(b[:, 4:16])
-    d = (_f16(b, 0) * sc.float()).reshape(n, 8, 1)
-    dm = (_f16(b, 2) * mn.float()).reshape(n, 8, 1)
-    q = _nibbles(b[:, 16:], 32).reshape(n, 8, 32).float()
-    return q.mul_(d).sub_(dm).reshape(n, 256)
+    return (_f16(b, 0) * sc).reshape(n, 8, 1), (_f16(b, 2) * mn).reshape(n, 8, 1)
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    d = (_f16(b, 0) * sc.float()).reshape(n, 8, 1)
-    dm = (_f16(b, 2) * mn.float()).reshape(n, 8, 1)
+def _q4_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    n, (d, dm) = b.shape[0], _k4_scales(b)
+    torch.sub(torch.mul(_nibbles(b[:, 16:], 32).reshape(n, 8, 32), d), dm, out=out.view(n, 8, 32))
+
+
+def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
+    n, (d, dm) = b.shape[0], _k4_scales(b)
     q = _nibbles(b[:, 48:], 32).reshape(n, 8, 32) | (_bits(b[:, 16:48], (n, 8, 32)) << 4)
-    return q.float().mul_(d).sub_(dm).reshape(n, 256)
+    torch.sub(torch.mul(q, d), dm, out=out.view(n, 8, 32))
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
-    d = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).reshape(n, 16, 1)
+    d = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8)).reshape(n, 16, 1)
     ql = _nibbles(b[:, :128], 64).reshape(n, 8, 32)
     qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts(b.device, (0, 2, 4, 6), (1, 1, 4, 1))) & 3
-    q = (ql | (qh.reshape(n, 8, 32) << 4)).float().sub_(32)
-    return q.reshape(n, 16, 16).mul_(d).reshape(n, 256)
+    q = (ql | (qh.reshape(n, 8, 32) << 4)).view(torch.int8) - 32
+    torch.mul(q.reshape(n, 16, 16), d, out=out.view(n, 16, 16))
 
 
-_KERNELS: dict[QT, Callable[[torch.Tensor], torch.Tensor]] = {
+_KERNELS: dict[QT, Callable[[torch.Tensor, torch.Tensor], None]] = {
     QT.Q8_0: _q8_0, QT.Q4_0: _q4_0, QT.Q4_1: _q4_1, QT.Q5_0: _q5_0, QT.Q5_1: _q5_1,
     QT.Q2_K: _q2_k, QT.Q3_K: _q3_k, QT.Q4_K: _q4_k, QT.Q5_K: _q5_k, QT.Q6_K: _q6_k,
 }
@@ -202,9 +210,9 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...] | torch.Siz
     """The tensor of ``shape`` stored as ggml type ``qtype`` in the uint8 ``raw``, in ``dtype``.
 
     Runs on ``raw``'s device. ``raw`` may be longer than the tensor (padded storage); its
-    first bytes are used. Quantised types are decoded in float32, :data:`DEQUANT_CHUNK`
-    elements at a time, each chunk cast into the ``dtype`` result (float32 results equal
-    ``gguf.quants.dequantize`` bit for bit). F32 / F16 / BF16 are reinterpreted and cast; an
+    first bytes are used. Quantised types are decoded chunk by chunk (:data:`DEQUANT_CHUNK`
+    elements on a GPU, :data:`DEQUANT_CHUNK_CPU` on the host), computing in float32 and
+    rounding once into ``dtype`` (float32 results equal ``gguf.quants.dequantize`` bit for bit). F32 / F16 / BF16 are reinterpreted and cast; an
     F32 tensor asked for in float32 is returned as a view of ``raw``.
     """
     qtype = QT(qtype)
@@ -222,19 +230,17 @@ def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...] | torch.Siz
         return data.view(_TORCH_FLOAT[qtype]).view(shape).to(dtype)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     blocks, kernel, n = data.view(-1, size), _KERNELS[qtype], numel // block
-    step = max(1, DEQUANT_CHUNK // block)
-    if n <= step and dtype == torch.float32:
-        return kernel(blocks).view(shape)
-    out = torch.empty(numel, dtype=dtype, device=raw.device)
+    out = torch.empty(n, block, dtype=dtype, device=raw.device)
+    step = max(1, (DEQUANT_CHUNK_CPU if raw.device.type == "cpu" else DEQUANT_CHUNK) // block)
     for i in range(0, n, step):
-        out[i * block:(i + step) * block] = kernel(blocks[i:i + step]).view(-1)
+        kernel(blocks[i:i + step], out[i:i + step])
     return out.view(shape)
 
 
 def dequant_transient_bytes(numel: int, dtype: torch.dtype, qtype: int = QT.Q4_K) -> int:
     """Device bytes one :class:`GGUFLinear` call holds beyond its input and output: the
-    dequantised weight in ``dtype`` plus, for quantised types, the float32 working set of
-    one chunk (the planner adds this to the activation peak)."""
+    dequantised weight in ``dtype`` plus, for quantised types, the working set of one device
+    chunk (the planner adds this to the activation peak)."""
     if QT(qtype) in _TORCH_FLOAT:
         return 0 if _TORCH_FLOAT[QT(qtype)] == dtype else numel * dtype.itemsize
     return numel * dtype.itemsize + min(numel, DEQUANT_CHUNK) * DEQUANT_WORK_BYTES

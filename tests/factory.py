@@ -334,3 +334,28 @@ def write_gguf_models(models_dir: str | Path, names: list[str] | None = None,
             write_gguf_dit(path, **kwargs)
         written[name] = path
     return written
+
+
+# byte offsets of each block type's fp16 scales (random bytes there could be NaN or inf)
+GGUF_FP16_SCALES = {_QT.Q8_0: (0,), _QT.Q4_0: (0,), _QT.Q4_1: (0, 2), _QT.Q5_0: (0,), _QT.Q5_1: (0, 2),
+                    _QT.Q2_K: (80, 82), _QT.Q3_K: (108,), _QT.Q4_K: (0, 2), _QT.Q5_K: (0, 2), _QT.Q6_K: (208,)}
+_FLOAT_BITS = {_QT.F16: (np.uint16, 0x7C00), _QT.BF16: (np.uint16, 0x7F80), _QT.F32: (np.uint32, 0x7F800000)}
+
+
+def random_gguf_blocks(qtype: _QT, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """``n_blocks`` random valid blocks of ``qtype`` as uint8 [n_blocks, type_size]: random
+    bytes (every bit pattern of the packed values is a valid block), with finite fp16 scales
+    of varied magnitude where the type has them and no inf / NaN for the float types."""
+    rng = np.random.default_rng(seed)
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    if qtype in _FLOAT_BITS:
+        width, exponent = _FLOAT_BITS[qtype]
+        values = raw.view(width)
+        top = width(1 << (exponent.bit_length() - 1))
+        values[(values & exponent) == exponent] &= ~top  # clear the exponent's top bit
+        return raw
+    for at in GGUF_FP16_SCALES[qtype]:
+        scale = rng.standard_normal(n_blocks) * rng.choice([1e-3, 1e-2, 1.0], n_blocks)
+        raw[:, at:at + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    return raw

@@ -20,31 +20,13 @@ from wanfit.wan.detect import detect_dit_config
 from wanfit.wan.model import WanModel
 from wanfit.wan.t5 import UMT5Encoder
 
-# byte offsets of each type's fp16 scales inside a block (random bytes there may be NaN / inf)
-FP16_SCALES = {QT.Q8_0: (0,), QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2),
-               QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
 # gguf.quants can quantise these; ggml's own accuracy test (tests/test-quantize-fns.cpp) bounds
 # sqrt(sum (x - x')^2) / n on 0.1 + 2 cos(i) by MAX_QUANTIZATION_TOTAL_ERROR = 0.002
 ROUND_TRIP = (QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)
 GGML_TOTAL_ERROR = 0.002
 
 
-def random_blocks(qtype: QT, n_blocks: int, seed: int = 0) -> np.ndarray:
-    """``n_blocks`` random valid blocks: random bytes, with finite fp16 scales where a type has
-    them and finite values for the float types."""
-    rng = np.random.default_rng(seed)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
-    if qtype in (QT.F16, QT.BF16, QT.F32):
-        width = {QT.F16: np.uint16, QT.BF16: np.uint16, QT.F32: np.uint32}[qtype]
-        exp = {QT.F16: 0x7C00, QT.BF16: 0x7F80, QT.F32: 0x7F800000}[qtype]
-        v = raw.view(width)
-        v[(v & exp) == exp] &= ~np.array(1 << (exp.bit_length() - 1), dtype=width)  # no inf / NaN
-        return raw
-    for at in FP16_SCALES[qtype]:
-        scale = (rng.standard_normal(n_blocks) * rng.choice([1e-3, 1e-2, 1.0], n_blocks)).astype(np.float16)
-        raw[:, at:at + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
-    return raw
+random_blocks = factory.random_gguf_blocks
 
 
 def numpy_dequantize(raw: np.ndarray, qtype: QT) -> np.ndarray:
@@ -73,7 +55,7 @@ def test_chunked_dequantize_is_the_same(qtype, monkeypatch):
     raw = torch.from_numpy(random_blocks(qtype, 40, seed=1).copy()).reshape(-1)
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     whole = G.dequantize(raw, qtype, (40 * block,))
-    monkeypatch.setattr(G, "DEQUANT_CHUNK", 3 * block)  # 14 chunks, the last one short
+    monkeypatch.setattr(G, "DEQUANT_CHUNK_CPU", 3 * block)  # 14 chunks, the last one short
     assert torch.equal(G.dequantize(raw, qtype, (8, 5 * block)), whole.view(8, 5 * block))
     assert torch.equal(G.dequantize(raw, qtype, (40 * block,), torch.bfloat16), whole.to(torch.bfloat16))
 
@@ -105,6 +87,7 @@ def test_factory_q4_k_quantiser_within_ggml_published_error():
 def test_dequantize_working_set_within_the_planner_bound(monkeypatch):
     """Peak CPU allocation of one dequantisation stays within dequant_transient_bytes."""
     monkeypatch.setattr(G, "DEQUANT_CHUNK", 1 << 15)
+    monkeypatch.setattr(G, "DEQUANT_CHUNK_CPU", 1 << 15)  # the bound is the device chunk's; same size here
     for qtype in G.QUANT_TYPES:
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         n_blocks = (4 << 15) // block
