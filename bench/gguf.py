@@ -27,6 +27,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.numel, args.dim, args.ffn, args.tokens, args.repeats = 1 << 14, 256, 512, 64, 1
     G, wan_model, factory = _import_pack()
     result = {
-        "torch": torch.__version__, "gguf": G._gguf_version(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "gguf": G.gguf_version(), "threads": torch.get_num_threads(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),  # other processes on the host skew CPU figures
         "numel": args.numel,
         "dequant_cpu": dequant_rates(G, factory, args.numel, args.repeats, "cpu", not args.no_numpy),
         "dequant_cuda": (dequant_rates(G, factory, args.numel, args.repeats, "cuda", False)

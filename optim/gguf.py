@@ -32,6 +32,7 @@ from importlib import metadata as _metadata
 from pathlib import Path
 
 import gguf
+import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
@@ -63,7 +64,7 @@ DEQUANT_CHUNK_CPU = 1 << 18
 DEQUANT_WORK_BYTES = 12
 
 
-def _gguf_version() -> str:
+def gguf_version() -> str:
     try:
         return _metadata.version("gguf")
     except _metadata.PackageNotFoundError:  # pragma: no cover - vendored copies
@@ -95,7 +96,11 @@ def _shifts(device: torch.device, values: tuple[int, ...], shape: tuple[int, ...
 
 def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
     """The fp16 scale stored at byte ``at`` of each block, as float32 [n, 1]."""
-    return blocks[:, at:at + 2].contiguous().view(torch.float16).float()
+    pair = blocks[:, at:at + 2]
+    try:  # a strided view when the scale sits at an even address (every GGUF type's does)
+        return pair.view(torch.float16).float()
+    except RuntimeError:
+        return pair.contiguous().view(torch.float16).float()
 
 
 def _bits(qh: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -127,7 +132,7 @@ def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # exact) and that op writes ``out``, computing in float32 and rounding once on the store.
 
 def _q8_0(b: torch.Tensor, out: torch.Tensor) -> None:
-    torch.mul(b[:, 2:].contiguous().view(torch.int8), _f16(b, 0), out=out)
+    torch.mul(b[:, 2:].view(torch.int8), _f16(b, 0), out=out)
 
 
 def _q4_0(b: torch.Tensor, out: torch.Tensor) -> None:
@@ -192,7 +197,7 @@ def _q5_k(b: torch.Tensor, out: torch.Tensor) -> None:
 
 def _q6_k(b: torch.Tensor, out: torch.Tensor) -> None:
     n = b.shape[0]
-    d = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8)).reshape(n, 16, 1)
+    d = (_f16(b, 208) * b[:, 192:208].view(torch.int8)).reshape(n, 16, 1)
     ql = _nibbles(b[:, :128], 64).reshape(n, 8, 32)
     qh = (b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts(b.device, (0, 2, 4, 6), (1, 1, 4, 1))) & 3
     q = (ql | (qh.reshape(n, 8, 32) << 4)).view(torch.int8) - 32
@@ -380,7 +385,9 @@ class GGUFCheckpoint:
         if size != self.file_size:
             raise CheckpointError(f"{self.name}: the file changed on disk since it was opened "
                                   f"({self.file_size} -> {size} bytes); load it again")
-        data = torch.from_file(str(self.path), shared=False, size=size, dtype=torch.uint8)
+        # numpy's memmap (as GGUFReader's) rather than torch.from_file: a private mapping on
+        # every OS ComfyUI runs on; tensors sliced from it keep it alive.
+        data = torch.from_numpy(np.memmap(self.path, dtype=np.uint8, mode="c", shape=(size,)))
 
         def raw(key: str) -> torch.Tensor:
             info = self.tensors[key]
@@ -426,7 +433,7 @@ def _check_tensor_table(start: int, fields: list, file_size: int) -> None:
             qt = QT(qtype)
         except ValueError:
             raise _Invalid(f"tensor {name} has quant type id {qtype}, which is no ggml type "
-                           f"(gguf {_gguf_version()} knows {', '.join(t.name for t in QT)})") from None
+                           f"(gguf {gguf_version()} knows {', '.join(t.name for t in QT)})") from None
         if qt not in SUPPORTED_TYPES:
             raise _Invalid(f"tensor {name} is stored as {qt.name}, a quant type WanFit cannot dequantise "
                            f"(supported: {', '.join(t.name for t in SUPPORTED_TYPES)}); use a file "
