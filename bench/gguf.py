@@ -28,7 +28,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -49,7 +48,8 @@ def _import_pack():
 
 
 def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
+    """Fastest of ``repeats`` calls after one warm-up call, in seconds: on a shared host the
+    minimum is the code's own cost, the median mostly other processes'."""
     fn()
     sync()
     times = []
@@ -58,7 +58,7 @@ def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lam
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def dequant_rates(G, factory, numel: int, repeats: int, device: str, numpy_ref: bool) -> dict:

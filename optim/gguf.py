@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,9 +41,9 @@ from torch import nn
 
 from ..wan.checkpoint import KNOWN_PREFIXES, CheckpointError, classify
 from ..wan.detect import detect_dit_config
-from ..wan.model import WanModel
+from ..wan.model import WanConfig, WanModel
 from ..wan.t5 import UMT5Encoder, detect_t5_config, t5_key_map
-from ..wan.tokenizer import UMT5Tokenizer, load_tokenizer
+from ..wan.tokenizer import UMT5Tokenizer, load_tokenizer, tokenizer_from_bytes
 from . import fp8, loading
 from .offload import BlockLayout, state_tensors
 
@@ -57,10 +58,12 @@ ARCHITECTURES = {"dit": DIT_ARCHITECTURES, "t5": T5_ARCHITECTURES}
 
 # Dequantisation runs this many elements at a time, so its intermediates stay small next to
 # the output: on a GPU few enough chunks that kernel launches stay cheap (the biggest Wan
-# Linear, 5120 x 13824, takes 17), on the host a cache-sized piece. DEQUANT_WORK_BYTES bounds
-# the intermediates per element of a chunk (tests/test_gguf.py measures every type against it).
+# Linear, 5120 x 13824, takes 17); on the host, float32 temporaries of 256 KB, which glibc
+# serves from its heap (optim.hostmem maps 1 MB and more afresh, page faults every time).
+# DEQUANT_WORK_BYTES bounds the intermediates per element of a chunk (tests/test_gguf.py
+# measures every type against it).
 DEQUANT_CHUNK = 1 << 22
-DEQUANT_CHUNK_CPU = 1 << 18
+DEQUANT_CHUNK_CPU = 1 << 16
 DEQUANT_WORK_BYTES = 12
 
 
@@ -297,7 +300,6 @@ class GGUFLinear(nn.Module):
                 f"bias={self.bias is not None}, qtype={self.qtype.name}{pad}")
 
 
-
 # --- reading and validating a file ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -342,6 +344,7 @@ class GGUFCheckpoint:
     tensors: dict[str, GGUFTensorInfo]
     metadata: dict[str, object] = field(default_factory=dict)
     file_size: int = 0
+    tokenizer_model: bytes | None = field(default=None, repr=False)  # T5: SentencePiece ModelProto
 
     @property
     def name(self) -> str:
@@ -519,6 +522,56 @@ def _strip_prefix(names: list[str]) -> str:
     return ""
 
 
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # a negative int32 is ten bytes of two's complement, as protobuf writes it
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _pb(number: int, value: int | float | bool | bytes | str) -> bytes:
+    """One protobuf field: varint for ints / bools, fixed32 for floats, bytes for the rest."""
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bool, int)):
+        return _varint(number << 3) + _varint(int(value))
+    data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def sentencepiece_model(reader: gguf.GGUFReader) -> bytes | None:
+    """The SentencePiece ModelProto (``spiece.model`` bytes) of a llama.cpp T5 GGUF's
+    vocabulary (``tokenizer.ggml.*``, written by convert_hf_to_gguf from the original
+    model), or None when the file has none. Field numbers are sentencepiece_model.proto's."""
+    def get(key, default=None):
+        f = reader.get_field(f"tokenizer.ggml.{key}")
+        return default if f is None else f.contents()
+
+    if get("model") != "t5" or get("tokens") is None:
+        return None
+    tokens, scores, types = get("tokens"), get("scores"), get("token_type")
+    if not (len(tokens) == len(scores) == len(types)):
+        raise _Invalid(f"tokenizer.ggml tokens / scores / token_type differ in length "
+                       f"({len(tokens)}, {len(scores)}, {len(types)})")
+    unk = get("unknown_token_id", types.index(2) if 2 in types else 0)
+    eos, pad, bos = get("eos_token_id", -1), get("padding_token_id", -1), get("bos_token_id", -1)
+    pieces = b"".join(_pb(1, _pb(1, t) + _pb(2, float(sc)) + _pb(3, int(ty)))
+                      for t, sc, ty in zip(tokens, scores, types))
+    trainer = (_pb(3, 1) + _pb(4, len(tokens)) + _pb(35, 6 in types)  # UNIGRAM; byte_fallback
+               + _pb(40, unk) + _pb(41, bos) + _pb(42, eos) + _pb(43, pad))
+    for number, token_id in ((45, unk), (46, bos), (47, eos), (48, pad)):
+        if 0 <= token_id < len(tokens):
+            trainer += _pb(number, tokens[token_id])
+    charsmap = get("precompiled_charsmap")
+    normalizer = (_pb(1, "nmt_nfkc" if charsmap else "identity") + (_pb(2, bytes(charsmap)) if charsmap else b"")
+                  + _pb(3, bool(get("add_space_prefix", True))) + _pb(4, bool(get("remove_extra_whitespaces", True)))
+                  + _pb(5, True))
+    return pieces + _pb(2, trainer) + _pb(3, normalizer)
+
+
 def is_gguf(path: str | Path) -> bool:
     """Whether ``path`` names a GGUF file (by its suffix; :func:`open_gguf` checks the rest)."""
     return Path(path).suffix.lower() == ".gguf"
@@ -547,6 +600,7 @@ def open_gguf(path: str | Path, expect: str | None = None) -> GGUFCheckpoint:
         architecture = _string_field(reader, "general.architecture")
         raw_tensors = [(t.name, t, _orig_shape(reader, t.name)) for t in reader.tensors]
         meta = _metadata_of(reader)
+        spm_model = sentencepiece_model(reader) if architecture in T5_ARCHITECTURES else None
     except _Invalid as err:
         raise CheckpointError(f"{name}: {err}") from None
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError, OSError) as err:
@@ -591,7 +645,7 @@ def open_gguf(path: str | Path, expect: str | None = None) -> GGUFCheckpoint:
         wanted = {"dit": "a Wan diffusion model (DiT)", "t5": "a UMT5 text encoder"}
         raise CheckpointError(f"{name}: this is {wanted[family]}, but this loader needs "
                               f"{wanted.get(expect, expect)}")
-    return GGUFCheckpoint(path, family, prefix, architecture or "wan", tensors, meta, size)
+    return GGUFCheckpoint(path, family, prefix, architecture or "wan", tensors, meta, size, spm_model)
 
 
 # --- building models -----------------------------------------------------------------------
@@ -672,32 +726,35 @@ def _dit_config(ckpt: GGUFCheckpoint):
 
 
 def build_meta_dit(ckpt: GGUFCheckpoint, dtype: torch.dtype = torch.bfloat16, attention: str = "auto",
-                   uniform_blocks: bool = True) -> WanModel:
+                   uniform_blocks: bool = True, keep_quantized: bool = True) -> WanModel:
     """The WanModel of ``ckpt`` on the meta device, with GGUFLinear for the quantised block
-    Linears (their storage as in the file): what :func:`load_dit_gguf` fills, and what a
-    planner counts bytes on."""
+    Linears (their storage as in the file; none without ``keep_quantized``): what
+    :func:`load_dit_gguf` fills, and what a planner counts bytes on."""
     config = _dit_config(ckpt)
     with torch.device("meta"):
         model = WanModel(config, attention_backend=attention).to(dtype)
-    _swap_in_gguf_linears(model, _quantized_plan(ckpt.tensors, fp8.should_quantize, uniform_blocks), dtype)
+    if keep_quantized:
+        _swap_in_gguf_linears(model, _quantized_plan(ckpt.tensors, fp8.should_quantize, uniform_blocks), dtype)
     return model
 
 
 def load_dit_gguf(source: str | Path | GGUFCheckpoint, dtype: torch.dtype = torch.bfloat16,
                   device: loading.Placement = "cpu", attention: str = "auto",
-                  uniform_blocks: bool = True) -> WanModel:
+                  uniform_blocks: bool = True, keep_quantized: bool = True) -> WanModel:
     """Build the Wan DiT in a GGUF file, streaming tensor by tensor from the memory map.
 
     Block Linears stored quantised become :class:`GGUFLinear` holding the stored bytes
     (padded per position when ``uniform_blocks``, see :func:`_quantized_plan`); every other
-    tensor is dequantised to ``dtype``. ``device`` is one device or ``name -> device``, as in
-    ``optim.loading``. On the CPU, unpadded quantised weights (and F32 tensors loaded as
-    float32) stay views of the private file mapping: no copy in host RAM until written.
+    tensor is dequantised to ``dtype``. ``keep_quantized=False`` dequantises the block
+    Linears too, once, at load (full-speed matmuls where memory allows; a "bf16" weight
+    format). ``device`` is one device or ``name -> device``, as in ``optim.loading``. On the
+    CPU, unpadded quantised weights (and F32 tensors loaded as float32) stay views of the
+    private file mapping: no copy in host RAM until written.
     """
     ckpt = source if isinstance(source, GGUFCheckpoint) else open_gguf(source, expect="dit")
     if ckpt.family != "dit":
         raise CheckpointError(f"{ckpt.name}: a {ckpt.family} GGUF, not a Wan diffusion model (DiT)")
-    model = build_meta_dit(ckpt, dtype, attention, uniform_blocks)
+    model = build_meta_dit(ckpt, dtype, attention, uniform_blocks, keep_quantized)
     kept = {f"{path}.weight": m.weight.numel() for path, m in model.named_modules() if isinstance(m, GGUFLinear)}
     with ckpt.open_raw() as raw:
         tensors = _GGUFStateDict(raw, ckpt.tensors, {k: k for k in ckpt.tensors}, kept, dtype)
@@ -720,9 +777,11 @@ class GGUFDitBytes:
         return sum(self.blocks) + self.other
 
 
-def dit_bytes(ckpt: GGUFCheckpoint, dtype: torch.dtype = torch.bfloat16, uniform_blocks: bool = True) -> GGUFDitBytes:
-    """Bytes per block read from the file's header (no weight is read)."""
-    model = build_meta_dit(ckpt, dtype, uniform_blocks=uniform_blocks)
+def dit_bytes(ckpt: GGUFCheckpoint, dtype: torch.dtype = torch.bfloat16, uniform_blocks: bool = True,
+              keep_quantized: bool = True) -> GGUFDitBytes:
+    """Bytes of the model :func:`load_dit_gguf` builds with these arguments, from the
+    file's header alone (no weight is read)."""
+    model = build_meta_dit(ckpt, dtype, uniform_blocks=uniform_blocks, keep_quantized=keep_quantized)
     per_block = tuple(sum(t.nbytes for t in state_tensors(b)) for b in model.blocks)
     slot = max(BlockLayout(state_tensors(b)).nbytes for b in model.blocks)
     other = sum(t.nbytes for t in state_tensors(model)) - sum(per_block)
@@ -731,6 +790,38 @@ def dit_bytes(ckpt: GGUFCheckpoint, dtype: torch.dtype = torch.bfloat16, uniform
     numel = big.in_features * big.out_features if big is not None else 0
     transient = dequant_transient_bytes(numel, dtype, big.qtype) if big is not None else 0
     return GGUFDitBytes(per_block, slot, other, numel, transient)
+
+
+def converter_tensor_type(key: str, shape: tuple[int, ...], quant: str) -> QT:
+    """The ggml type city96's pipeline (tools/convert.py, then llama-quantize with its
+    lcpp.patch) gives a Wan DiT tensor when the file is made in ``quant`` ("Q4_K", "Q8_0",
+    "F16", ...): F32 for 1-D tensors, tensors of at most 1024 values, ``.modulation`` and
+    the 5-D patch embedding; F16 for ``time_embedding``; ``quant`` elsewhere, falling back
+    to F16 where a row is not a whole number of ``quant``'s blocks."""
+    if len(shape) == 1 or len(shape) > 4 or math.prod(shape) <= 1024 or key.endswith("modulation"):
+        return QT.F32
+    if "time_embedding." in key:
+        return QT.F16
+    target = QT[quant]
+    if target in _TORCH_FLOAT:
+        return target
+    return target if shape[-1] % gguf.GGML_QUANT_SIZES[target][0] == 0 else QT.F16
+
+
+def expected_checkpoint(config: WanConfig, quant: str, name: str | None = None) -> GGUFCheckpoint:
+    """The header a ``quant`` GGUF of ``config`` made by city96's pipeline would have (no
+    file): lets a planner count a model's bytes (:func:`dit_bytes`) before it is downloaded.
+    Real K-quant mixes (Q4_K_M) may give some layers a larger type; a file's own header is
+    exact, this is the uniform-type estimate."""
+    with torch.device("meta"):
+        model = WanModel(config)
+    tensors, offset = {}, 0
+    for key, t in model.state_dict().items():
+        qtype = converter_tensor_type(key, tuple(t.shape), quant)
+        nbytes = stored_bytes(t.numel(), qtype)
+        tensors[key] = GGUFTensorInfo(tuple(t.shape), qtype, nbytes, offset, key)
+        offset += -(-nbytes // 32) * 32
+    return GGUFCheckpoint(Path(name or f"expected-{quant}.gguf"), "dit", "", "wan", tensors, {}, offset)
 
 
 def block_bytes(ckpt: GGUFCheckpoint, dtype: torch.dtype = torch.bfloat16, uniform_blocks: bool = True) -> list[int]:
@@ -750,8 +841,9 @@ def load_text_encoder_gguf(source: str | Path | GGUFCheckpoint, dtype: torch.dty
     """UMT5 encoder from a llama.cpp-style T5 GGUF (city96's umt5-xxl-encoder-gguf), its
     quantised block Linears kept as :class:`GGUFLinear`, and its tokenizer.
 
-    The tokenizer is looked for beside the file (``spiece.model`` / ``tokenizer.json``, see
-    ``wan.tokenizer.load_tokenizer``); the vocabulary inside the GGUF is not read yet.
+    The tokenizer is the vocabulary stored in the GGUF (``tokenizer.ggml.*``, rebuilt as a
+    SentencePiece model); a file without one takes ``spiece.model`` / ``tokenizer.json``
+    from beside it (``wan.tokenizer.load_tokenizer``).
     """
     ckpt = source if isinstance(source, GGUFCheckpoint) else open_gguf(source, expect="t5")
     if ckpt.family != "t5":
@@ -759,8 +851,9 @@ def load_text_encoder_gguf(source: str | Path | GGUFCheckpoint, dtype: torch.dty
     try:
         names = t5_key_map(list(ckpt.tensors))
         config = detect_t5_config({new: ckpt.tensors[old].shape for old, new in names.items()})
-        tokenizer = load_tokenizer(ckpt.path)
-    except (ValueError, FileNotFoundError) as err:
+        tokenizer = (tokenizer_from_bytes(ckpt.tokenizer_model) if ckpt.tokenizer_model is not None
+                     else load_tokenizer(ckpt.path))
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # sentencepiece raises RuntimeError
         raise CheckpointError(f"{ckpt.name}: {err}") from err
     internal = {new: ckpt.tensors[old] for old, new in names.items()}
     with torch.device("meta"):
@@ -775,8 +868,8 @@ def load_text_encoder_gguf(source: str | Path | GGUFCheckpoint, dtype: torch.dty
 
 
 __all__ = [
-    "DEQUANT_CHUNK", "FLOAT_TYPES", "GGUFCheckpoint", "GGUFDitBytes", "GGUFLinear", "GGUFTensorInfo",
-    "QUANT_TYPES", "SUPPORTED_TYPES", "block_bytes", "build_meta_dit", "dequant_transient_bytes", "dequantize",
-    "dit_bytes", "is_gguf", "load_dit_gguf", "load_text_encoder_gguf", "open_gguf", "stored_bytes",
-    "t5_gguf_key", "type_name",
+    "DEQUANT_CHUNK", "DEQUANT_CHUNK_CPU", "FLOAT_TYPES", "GGUFCheckpoint", "GGUFDitBytes", "GGUFLinear",
+    "GGUFTensorInfo", "QUANT_TYPES", "SUPPORTED_TYPES", "block_bytes", "build_meta_dit", "dequant_transient_bytes",
+    "converter_tensor_type", "dequantize", "dit_bytes", "expected_checkpoint", "gguf_version", "is_gguf", "load_dit_gguf", "load_text_encoder_gguf", "open_gguf",
+    "sentencepiece_model", "stored_bytes", "t5_gguf_key", "type_name",
 ]

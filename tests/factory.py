@@ -214,20 +214,15 @@ def gguf_quantize(data: np.ndarray, qtype: _QT) -> np.ndarray:
 
 
 def gguf_dit_tensor_type(key: str, shape: tuple[int, ...], quant: str) -> _QT:
-    """The ggml type city96's pipeline gives a DiT tensor when asked for ``quant``."""
-    numel = _math.prod(shape)
-    if len(shape) == 1 or len(shape) > 4 or numel <= 1024 or ".modulation" in key or key == "modulation":
-        return _QT.F32
-    if "time_embedding." in key:
-        return _QT.F16
-    target = _QT[quant]
-    if target in (_QT.F32, _QT.F16, _QT.BF16):
-        return target
-    return target if shape[-1] % gguf.GGML_QUANT_SIZES[target][0] == 0 else _QT.F16
+    """The ggml type city96's pipeline gives a DiT tensor when asked for ``quant`` (the rule
+    lives beside the planner's estimate, in optim/gguf.py)."""
+    from wanfit.optim.gguf import converter_tensor_type
+
+    return converter_tensor_type(key, shape, quant)
 
 
 def _write_gguf(path: Path, arch: str, quant: str, tensors: list[tuple[str, np.ndarray, _QT]],
-                orig_shapes: dict[str, tuple[int, ...]]) -> Path:
+                orig_shapes: dict[str, tuple[int, ...]], metadata: Callable | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
@@ -236,6 +231,8 @@ def _write_gguf(path: Path, arch: str, quant: str, tensors: list[tuple[str, np.n
     writer.add_file_type(_FILE_TYPES[quant])
     for name, shape in orig_shapes.items():
         writer.add_array(f"comfy.gguf.orig_shape.{name}", list(shape))
+    if metadata is not None:
+        metadata(writer)
     for name, data, qtype in tensors:
         writer.add_tensor(name, gguf_quantize(data, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
@@ -286,10 +283,61 @@ def t5_internal_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return _randomize(UMT5Encoder(T5), seed)
 
 
-def write_gguf_t5(path: str | Path, quant: str = "Q8_0", seed: int = 0) -> Path:
+def _protobuf_fields(data: bytes) -> dict[int, object]:
+    """The last value of each top-level field of a protobuf message (varint and bytes only)."""
+    fields, i = {}, 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while i < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields[number] = varint()
+        elif wire == 2:
+            n = varint()
+            fields[number], i = data[i:i + n], i + n
+        elif wire == 5:
+            fields[number], i = data[i:i + 4], i + 4
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+    return fields
+
+
+def _t5_tokenizer_metadata(writer: gguf.GGUFWriter, model: bytes) -> None:
+    """The vocabulary as llama.cpp's convert_hf_to_gguf stores a T5 sentencepiece model."""
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
+             else 1 for i in range(n)]
+    normalizer = _protobuf_fields(_protobuf_fields(model)[3])  # ModelProto.normalizer_spec
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([sp.get_score(i) for i in range(n)])
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(bool(normalizer.get(3, 1)))
+    writer.add_remove_extra_whitespaces(bool(normalizer.get(4, 1)))
+    if normalizer.get(2):
+        writer.add_precompiled_charsmap(normalizer[2])
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_pad_token_id(sp.pad_id())
+
+
+def write_gguf_t5(path: str | Path, quant: str = "Q8_0", seed: int = 0, tokenizer: str = "embedded") -> Path:
     """A tiny UMT5 encoder GGUF with llama.cpp's T5 names (``enc.blk.N.attn_q.weight``,
-    ``token_embd.weight``, architecture "t5encoder", as city96's umt5-xxl-encoder-gguf), its
-    sentencepiece tokenizer written beside it as ``spiece.model``."""
+    ``token_embd.weight``, architecture "t5encoder", as city96's umt5-xxl-encoder-gguf).
+    ``tokenizer``: "embedded" stores the sentencepiece vocabulary in the file's metadata as
+    llama.cpp does; "beside" writes ``spiece.model`` next to the file instead."""
     internal = t5_internal_state_dict(seed)
     tensors = []
     for key, t in internal.items():
@@ -307,8 +355,11 @@ def write_gguf_t5(path: str | Path, quant: str = "Q8_0", seed: int = 0) -> Path:
         else:
             qtype = gguf_dit_tensor_type(name, tuple(data.shape), quant)
         tensors.append((name, data, qtype))
-    out = _write_gguf(path, "t5encoder", quant, tensors, {})
-    (Path(path).parent / "spiece.model").write_bytes(tokenizer_model(seed))
+    model = tokenizer_model(seed)
+    out = _write_gguf(path, "t5encoder", quant, tensors, {},
+                      metadata=(lambda w: _t5_tokenizer_metadata(w, model)) if tokenizer == "embedded" else None)
+    if tokenizer == "beside":
+        (Path(path).parent / "spiece.model").write_bytes(model)
     return out
 
 

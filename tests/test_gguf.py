@@ -17,7 +17,7 @@ from wanfit.optim.engine import SwapSettings, attach_swap
 from wanfit.optim.offload import BlockLayout, RecordingBackend, state_tensors
 from wanfit.wan.checkpoint import CheckpointError
 from wanfit.wan.detect import detect_dit_config
-from wanfit.wan.model import WanModel
+from wanfit.wan.model import PRESETS, WanModel
 from wanfit.wan.t5 import UMT5Encoder
 
 # gguf.quants can quantise these; ggml's own accuracy test (tests/test-quantize-fns.cpp) bounds
@@ -111,7 +111,16 @@ def files(tmp_path_factory):
         "mixed": factory.write_gguf_dit(d / "t2v_Q4_K_M.gguf", "t2v", "Q4_K", state_dict=wide, types=mixed),
         "tiny_q4k": factory.write_gguf_dit(d / "i2v_Q4_K_M.gguf", "i2v", "Q4_K", seed=5),
         "t5": factory.write_gguf_t5(d / "t5" / "umt5-xxl-encoder-Q8_0.gguf", "Q8_0", seed=8),
+        "t5_beside": factory.write_gguf_t5(d / "t5b" / "umt5-xxl-encoder-Q8_0.gguf", "Q8_0", seed=8,
+                                           tokenizer="beside"),
     }
+
+
+@pytest.fixture(scope="module")
+def t5_ckpt(files):
+    """The T5 GGUF with its vocabulary in the metadata, parsed once: gguf's reader walks
+    metadata arrays value by value (the 240 KB normalisation map alone takes seconds here)."""
+    return G.open_gguf(files["t5"])
 
 
 def oracle_state_dict(path) -> dict[str, torch.Tensor]:
@@ -168,7 +177,7 @@ def test_header_handle(files):
     wide = G.open_gguf(files["q4k"])
     assert wide.shapes["patch_embedding.weight"] == (256, 16, 1, 2, 2)  # from comfy.gguf.orig_shape
     assert wide.quant_label() == "Q4_K"
-    assert G.open_gguf(files["t5"]).family == "t5"
+    assert G.open_gguf(files["t5_beside"]).family == "t5"
 
 
 @pytest.mark.parametrize("key,dtype", [("q8", torch.float32), ("f16", torch.float32), ("q4k", torch.float32),
@@ -187,6 +196,16 @@ def test_loaded_model_equals_the_numpy_dequantised_file(files, key, dtype):
     if key != "f16":
         assert quantized and all(model.get_submodule(p).weight.dtype == torch.uint8 for p in quantized)
     assert model.patch_embedding.weight.dtype == dtype and model.head.head.weight.dtype == dtype
+
+
+def test_dequantised_at_load(files):
+    """keep_quantized=False: plain Linears in the compute dtype, the same numbers."""
+    model = G.load_dit_gguf(files["q4k"], torch.float32, keep_quantized=False)
+    assert not any(isinstance(m, G.GGUFLinear) for m in model.modules())
+    assert torch.equal(_forward(model, "t2v"), _forward(_reference_model(oracle_state_dict(files["q4k"])), "t2v"))
+    sizes = G.dit_bytes(G.open_gguf(files["q4k"]), torch.bfloat16, keep_quantized=False)
+    assert sizes.largest_linear == 0 and sizes.blocks[0] == sum(
+        v.numel() * 2 for k, v in factory.dit_state_dict_wide().items() if k.startswith("blocks.0."))
 
 
 def test_q8_0_output_close_to_its_float_source(files):
@@ -262,6 +281,20 @@ def test_block_bytes_are_the_files(files):
     assert q4.blocks[0] < 0.35 * bf16_block  # Q4_K: 4.5 bits per weight
 
 
+def test_expected_checkpoint_matches_a_written_file(files):
+    """The header a planner can count before download equals a written file's, type by type."""
+    written = G.open_gguf(files["tiny_q4k"])
+    expected = G.expected_checkpoint(detect_dit_config(written.shapes), "Q4_K")
+    assert {k: (v.shape, v.qtype, v.nbytes) for k, v in expected.tensors.items()} == \
+        {k: (v.shape, v.qtype, v.nbytes) for k, v in written.tensors.items()}
+    assert G.dit_bytes(expected) == G.dit_bytes(written)
+    # a full-size A14B expert: Q4_K block Linears are 4.5 bits a weight
+    a14b = G.dit_bytes(G.expected_checkpoint(PRESETS["Wan2.2 I2V-A14B expert"], "Q4_K"))
+    linear = 4 * 5120 * 5120 * 2 + 2 * 5120 * 13824  # self + cross attention, ffn
+    assert a14b.blocks[0] > linear * 4.5 / 8 and a14b.blocks[0] < linear * 4.5 / 8 * 1.01
+    assert a14b.largest_linear == 5120 * 13824
+
+
 @pytest.mark.parametrize("key,resident,prefetch", [("q4k", 1, 1), ("q8", 0, 1), ("mixed", 1, 0)])
 def test_swapped_gguf_model_equals_resident(files, key, resident, prefetch):
     model_type = "i2v" if key == "q8" else "t2v"
@@ -299,9 +332,9 @@ def test_text_encoder_gguf(files):
     """Loaded exactly as gguf's numpy code decodes the file; against the float source, within
     twice what gaussian noise of Q8_0's size (0.55 % of each block weight's spread) does to
     this tiny T5 (its attention is unscaled, as T5's, so it is more sensitive than the DiT)."""
-    model, tokenizer = G.load_text_encoder_gguf(files["t5"], torch.float32)
+    model, tokenizer = G.load_text_encoder_gguf(files["t5_beside"], torch.float32)
     assert isinstance(model.blocks[0].attn.q, G.GGUFLinear) and model.blocks[0].attn.q.qtype == QT.Q8_0
-    ref = UMT5Encoder.from_state_dict({G.t5_gguf_key(k): v for k, v in oracle_state_dict(files["t5"]).items()})
+    ref = UMT5Encoder.from_state_dict({G.t5_gguf_key(k): v for k, v in oracle_state_dict(files["t5_beside"]).items()})
     internal = factory.t5_internal_state_dict(seed=8)
     gen = torch.Generator().manual_seed(1)
     noisy = {k: v + v.std() * 0.0055 * torch.randn(v.shape, generator=gen) if G._t5_block_linear(k, v.shape) else v
@@ -315,6 +348,25 @@ def test_text_encoder_gguf(files):
     assert torch.equal(out, exact)
     error, noise_error = ((out - expected).norm() / expected.norm()).item(), ((noise - expected).norm() / expected.norm()).item()
     assert 0 < error < 2 * noise_error
+
+
+def test_text_encoder_tokenizer_from_the_gguf_vocabulary(files, t5_ckpt):
+    """The vocabulary llama.cpp stores in the GGUF, rebuilt as a SentencePiece model, encodes
+    as the original spiece.model does; a file without one takes spiece.model from beside it."""
+    import sentencepiece as spm
+
+    original = spm.SentencePieceProcessor(model_proto=factory.tokenizer_model(8))
+    rebuilt = spm.SentencePieceProcessor(model_proto=t5_ckpt.tokenizer_model)
+    assert rebuilt.get_piece_size() == original.get_piece_size()
+    assert (rebuilt.unk_id(), rebuilt.eos_id(), rebuilt.pad_id(), rebuilt.bos_id()) == (2, 1, 0, -1)
+    texts = ["a cat walks over the lake", "  Zoom   close-up, WIDE shot!  ", "ｃａｔ ﬁre smoke", "dance 123 \u00e9t\u00e9 水"]
+    for text in texts:
+        assert rebuilt.encode(text) == original.encode(text), text
+    _, tokenizer = G.load_text_encoder_gguf(t5_ckpt)
+    _, beside = G.load_text_encoder_gguf(files["t5_beside"])
+    assert G.open_gguf(files["t5_beside"]).tokenizer_model is None
+    for text in texts:
+        assert torch.equal(tokenizer([text])[0], beside([text])[0])
 
 
 # --- bad files ---------------------------------------------------------------------------------
@@ -353,7 +405,7 @@ def test_wrong_architecture(files, tmp_path):
     flux = factory.write_gguf_dit(tmp_path / "flux.gguf", "t2v", "Q8_0", arch="flux")
     _bad(flux, "general.architecture is 'flux': a GGUF of another model")
     with pytest.raises(CheckpointError, match="this is a UMT5 text encoder, but this loader needs a Wan"):
-        G.open_gguf(files["t5"], expect="dit")
+        G.open_gguf(files["t5_beside"], expect="dit")
 
 
 def test_unknown_and_unsupported_quant_types(files, tmp_path):
