@@ -597,6 +597,8 @@ def open_gguf(path: str | Path, expect: str | None = None) -> GGUFCheckpoint:
                               "expected a .gguf model")
     try:
         reader = _CheckedReader(path, "r")
+        if reader.endianess != gguf.GGUFEndian.LITTLE:  # the dequantisers read little-endian blocks
+            raise _Invalid("a big-endian GGUF; WanFit reads the little-endian files the converters write")
         architecture = _string_field(reader, "general.architecture")
         raw_tensors = [(t.name, t, _orig_shape(reader, t.name)) for t in reader.tensors]
         meta = _metadata_of(reader)
