@@ -26,6 +26,7 @@ import functools
 import math
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -418,11 +419,42 @@ class _Invalid(Exception):
 
 class _CheckedReader(gguf.GGUFReader):
     """GGUFReader that checks the tensor table (types, sizes, extents) before it builds its
-    views of the data, so the error can name the tensor at fault."""
+    views of the data, so the error can name the tensor at fault. Metadata arrays are read
+    faster: numbers as one view, strings as memoryviews (the base reader makes numpy views
+    per value: 20 s for a UMT5 file's 256k-token vocabulary on a 2-core host). A field's
+    ``contents()`` is what the base reader gives; a number array's ``data`` holds one index,
+    so index its contents, not its parts."""
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         _check_tensor_table(start_offs, fields, int(self.data.shape[0]))
         super()._build_tensors(start_offs, fields)
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if raw_type == gguf.GGUFValueType.ARRAY:
+            item_type = self._get(orig_offs, np.uint32)
+            count = self._get(orig_offs + 4, np.uint64)
+            kind = gguf.GGUFValueType(int(item_type[0])) if len(item_type) and len(count) else None
+            nptype = self.gguf_scalar_to_np.get(kind)
+            if nptype is not None:
+                values = self._get(orig_offs + 12, nptype, int(count[0]))
+                if len(values) != int(count[0]):
+                    raise ValueError(f"metadata array of {int(count[0])} values runs past the end of the file")
+                return 12 + int(values.nbytes), [item_type, count, values], [2], [gguf.GGUFValueType.ARRAY, kind]
+            if kind == gguf.GGUFValueType.STRING and self.byte_order == "I" and sys.byteorder == "little":
+                return self._string_array(orig_offs, item_type, count)
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _string_array(self, orig_offs: int, item_type, count):
+        buf, at, parts = memoryview(self.data), orig_offs + 12, [item_type, count]
+        for _ in range(int(count[0])):
+            if at + 8 > len(buf):
+                raise ValueError("metadata string array runs past the end of the file")
+            length = int.from_bytes(buf[at:at + 8], "little")
+            if at + 8 + length > len(buf):
+                raise ValueError("metadata string array runs past the end of the file")
+            parts.append(buf[at + 8:at + 8 + length])
+            at += 8 + length
+        return at - orig_offs, parts, list(range(2, len(parts))), [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]
 
 
 def _check_tensor_table(start: int, fields: list, file_size: int) -> None:
