@@ -2,8 +2,8 @@
 
 Dequantisation: ``--numel`` random valid values per type (random blocks with finite scales),
 decoded to bf16 (the compute dtype) by ``optim.gguf.dequantize``; reported as GB/s of output
-and million values per second, beside gguf's own numpy decoder on the same blocks (float32
-out, the reference it equals bit for bit). On CUDA too when a GPU is present.
+and million values per second, and to float32 beside gguf's own numpy decoder on the same
+blocks (float32 out, the reference it equals bit for bit). On CUDA too when a GPU is present.
 
 Block: one Wan DiT block (``--dim`` / ``--ffn``, default the 1.3B's 1536 / 8960) on
 ``--tokens`` tokens (default 1560: one latent frame at 832x480) with a 512-token text context,
@@ -12,7 +12,7 @@ the same run; the Q4_K forward's share spent dequantising, the bytes each block 
 swapped, and the output's relative difference from bf16 are reported beside the time ratio.
 The last line of stdout is a JSON object.
 
-    python bench/gguf.py [--numel 4194304] [--dim 1536 --ffn 8960 --tokens 1560] [--repeats 3]
+    python bench/gguf.py [--numel 4194304] [--dim 1536 --ffn 8960 --tokens 1560] [--repeats 7] [--block-repeats 3]
     python bench/gguf.py --small   # the sizes tests/test_gguf_bench.py runs
 """
 from __future__ import annotations
@@ -47,18 +47,21 @@ def _import_pack():
     return G, wan_model, factory
 
 
-def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    """Fastest of ``repeats`` calls after one warm-up call, in seconds: on a shared host the
-    minimum is the code's own cost, the median mostly other processes'."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(*fns: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Fastest of ``repeats`` calls of each of ``fns`` after one warm-up call each, in seconds.
+    The calls alternate, so every function sees the same load; on a shared host the minimum
+    is the code's own cost, the median mostly other processes'."""
+    for fn in fns:
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    sync()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def dequant_rates(G, factory, numel: int, repeats: int, device: str, numpy_ref: bool) -> dict:
@@ -70,14 +73,19 @@ def dequant_rates(G, factory, numel: int, repeats: int, device: str, numpy_ref: 
         blocks = factory.random_gguf_blocks(qtype, n_blocks, seed=int(qtype))
         raw = torch.from_numpy(blocks.copy()).reshape(-1).to(device)
         count = n_blocks * block
-        seconds = timed(lambda: G.dequantize(raw, qtype, (count,), torch.bfloat16), repeats, sync)
-        row = {"gb_per_s": round(count * 2 / seconds / 1e9, 3), "mvalues_per_s": round(count / seconds / 1e6, 1),
-               "stored_bits_per_value": round(blocks.nbytes * 8 / count, 4)}
-        if numpy_ref and qtype != gguf.GGMLQuantizationType.F32:  # numpy's F32 "decode" is a view
+        fns = [lambda: G.dequantize(raw, qtype, (count,), torch.bfloat16),
+               lambda: G.dequantize(raw, qtype, (count,), torch.float32)]
+        with_numpy = numpy_ref and qtype != gguf.GGMLQuantizationType.F32  # numpy's F32 "decode" is a view
+        if with_numpy:
             flat = blocks.reshape(1, -1) if qtype == gguf.GGMLQuantizationType.BF16 else blocks.reshape(-1)
-            ref = timed(lambda: gguf.quants.dequantize(flat, qtype), max(1, repeats // 2))
-            row["numpy_f32_gb_per_s"] = round(count * 4 / ref / 1e9, 3)
-            row["torch_vs_numpy_values"] = round(ref / seconds, 2)
+            fns.append(lambda: gguf.quants.dequantize(flat, qtype))
+        seconds = timed(*fns, repeats=repeats, sync=sync)
+        row = {"gb_per_s": round(count * 2 / seconds[0] / 1e9, 3), "mvalues_per_s": round(count / seconds[0] / 1e6, 1),
+               "f32_mvalues_per_s": round(count / seconds[1] / 1e6, 1),
+               "stored_bits_per_value": round(blocks.nbytes * 8 / count, 4)}
+        if with_numpy:
+            row["numpy_f32_mvalues_per_s"] = round(count / seconds[2] / 1e6, 1)
+            row["torch_f32_over_numpy_speed"] = round(seconds[2] / seconds[1], 2)
         out[qtype.name] = row
     return out
 
@@ -116,10 +124,10 @@ def block_forward(G, wan_model, factory, dim: int, ffn: int, tokens: int, repeat
     with torch.inference_mode():
         expected = ref(x, **kwargs)
         got = quant(x, **kwargs)
-        bf16_s = timed(lambda: ref(x, **kwargs), repeats)
-        q4_s = timed(lambda: quant(x, **kwargs), repeats)
         gguf_layers = [m for m in quant.modules() if isinstance(m, G.GGUFLinear)]
-        dequant_s = timed(lambda: [m.dequantized_weight(torch.bfloat16) for m in gguf_layers], repeats)
+        bf16_s, q4_s, dequant_s = timed(lambda: ref(x, **kwargs), lambda: quant(x, **kwargs),
+                                        lambda: [m.dequantized_weight(torch.bfloat16) for m in gguf_layers],
+                                        repeats=repeats)
 
     def block_bytes(module):
         return sum(t.nbytes for t in (*module.parameters(), *module.buffers()))
@@ -141,12 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=1536)
     parser.add_argument("--ffn", type=int, default=8960)
     parser.add_argument("--tokens", type=int, default=1560)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per dequantisation")
+    parser.add_argument("--block-repeats", type=int, default=3, help="timed calls per block forward")
     parser.add_argument("--no-numpy", action="store_true", help="skip gguf's numpy decoder")
     parser.add_argument("--small", action="store_true", help="tiny sizes, for the test")
     args = parser.parse_args(argv)
     if args.small:
-        args.numel, args.dim, args.ffn, args.tokens, args.repeats = 1 << 14, 256, 512, 64, 1
+        args.numel, args.dim, args.ffn, args.tokens, args.repeats, args.block_repeats = 1 << 14, 256, 512, 64, 1, 1
     G, wan_model, factory = _import_pack()
     result = {
         "torch": torch.__version__, "gguf": G.gguf_version(), "threads": torch.get_num_threads(),
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dequant_cpu": dequant_rates(G, factory, args.numel, args.repeats, "cpu", not args.no_numpy),
         "dequant_cuda": (dequant_rates(G, factory, args.numel, args.repeats, "cuda", False)
                          if torch.cuda.is_available() else {"skipped": "no CUDA device"}),
-        "block_cpu": block_forward(G, wan_model, factory, args.dim, args.ffn, args.tokens, args.repeats),
+        "block_cpu": block_forward(G, wan_model, factory, args.dim, args.ffn, args.tokens, args.block_repeats),
     }
     print(json.dumps(result))
     return result
