@@ -284,3 +284,255 @@ FILES.update({
     "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors": ("loras", _lightx2v_lora(21)),
     "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors": ("loras", _lightx2v_lora(22)),
 })
+
+# === GGUF files (optim/gguf.py) ================================================================
+# Tiny GGUF DiTs / UMT5 encoders written with gguf.GGUFWriter the way the files in circulation
+# were made: city96's ComfyUI-GGUF tools/convert.py (architecture "wan", original key names, F32
+# for 1-D / <= 1024-element / ".modulation" tensors, the 5-D patch embedding added back in F32 by
+# tools/fix_5d_tensors.py) followed by llama-quantize with its lcpp.patch (time_embedding kept
+# F16; a tensor whose rows are not whole blocks of the target type falls back to F16).
+
+import math as _math  # noqa: E402
+
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
+from gguf import GGMLQuantizationType as _QT  # noqa: E402
+
+GGUF_WIDE_DIT = dict(DIT, dim=256, ffn_dim=512, num_heads=2)  # every block Linear row a whole 256-block
+_FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+               "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+               "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+               "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+               "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+
+
+def quantize_q4_k(data: np.ndarray) -> np.ndarray:
+    """Q4_K blocks (uint8, rows of 144 bytes per 256 values) of float rows whose length is a
+    multiple of 256. gguf.quants has no K-quant quantiser, so this is our own, simple one:
+    per 32-value sub-block an unsigned 4-bit grid from min(x, 0) to max(x); the sub-block
+    scales and mins as 6-bit multiples of two fp16 super-block scales (ggml's layout)."""
+    x = np.asarray(data, dtype=np.float32)
+    if x.shape[-1] % 256:
+        raise ValueError(f"Q4_K needs rows of whole 256-value blocks, got {x.shape}")
+    blocks = x.reshape(-1, 8, 32)
+    low = np.minimum(blocks.min(-1), 0)
+    scale, mins = (blocks.max(-1) - low) / 15, -low
+    d = (scale.max(-1) / 63).astype(np.float16)
+    dmin = (mins.max(-1) / 63).astype(np.float16)
+    df, dmf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ls = np.where(df > 0, np.rint(scale / df), 0).clip(0, 63).astype(np.uint8)
+        lm = np.where(dmf > 0, np.rint(mins / dmf), 0).clip(0, 63).astype(np.uint8)
+        step, offset = (df * ls)[..., None], (dmf * lm)[..., None]
+        q = np.where(step > 0, np.rint((blocks + offset) / step), 0).clip(0, 15).astype(np.uint8)
+    scales = np.concatenate([(ls[:, :4] & 0x3F) | ((ls[:, 4:] >> 4) << 6),
+                             (lm[:, :4] & 0x3F) | ((lm[:, 4:] >> 4) << 6),
+                             (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)], axis=-1).astype(np.uint8)
+    pairs = q.reshape(-1, 4, 2, 32)
+    qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+    out = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qs], axis=-1)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // 256 * 144)
+
+
+def gguf_quantize(data: np.ndarray, qtype: _QT) -> np.ndarray:
+    """``data`` stored as ``qtype``: gguf.quants where it can quantise, our Q4_K otherwise."""
+    return quantize_q4_k(data) if qtype == _QT.Q4_K else gguf.quants.quantize(data, qtype)
+
+
+def gguf_dit_tensor_type(key: str, shape: tuple[int, ...], quant: str) -> _QT:
+    """The ggml type city96's pipeline gives a DiT tensor when asked for ``quant`` (the rule
+    lives beside the planner's estimate, in optim/gguf.py)."""
+    from wanfit.optim.gguf import converter_tensor_type
+
+    return converter_tensor_type(key, shape, quant)
+
+
+def _write_gguf(path: Path, arch: str, quant: str, tensors: list[tuple[str, np.ndarray, _QT]],
+                orig_shapes: dict[str, tuple[int, ...]], metadata: Callable | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(_FILE_TYPES[quant])
+    for name, shape in orig_shapes.items():
+        writer.add_array(f"comfy.gguf.orig_shape.{name}", list(shape))
+    if metadata is not None:
+        metadata(writer)
+    for name, data, qtype in tensors:
+        writer.add_tensor(name, gguf_quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.rename(path)
+    return path
+
+
+def write_gguf_dit(path: str | Path, model_type: str = "t2v", quant: str = "Q8_0", *, clip: bool = False,
+                   seed: int = 0, state_dict: dict[str, torch.Tensor] | None = None, prefix: str = "",
+                   nd_layout: str = "5d", arch: str = "wan", types: dict[str, str] | None = None) -> Path:
+    """A tiny Wan DiT GGUF: ``factory.dit_state_dict(model_type, clip, seed)`` (or
+    ``state_dict``) stored as ``quant`` ("F16", "BF16", "Q8_0", "Q4_0", ... "Q4_K").
+
+    ``nd_layout``: "5d" writes the 5-D patch embedding as it is (fix_5d_tensors.py); "orig_shape"
+    folds it to 4-D with its real shape in ``comfy.gguf.orig_shape.<name>`` (newer converters).
+    ``prefix`` (e.g. "model.diffusion_model.") is put before every name. ``types`` gives some
+    keys another type, as llama.cpp's mixes (Q4_K_M) do for some blocks' layers.
+    """
+    sd = state_dict if state_dict is not None else dit_state_dict(model_type, clip, seed)
+    tensors, orig = [], {}
+    for key, t in sd.items():
+        data = t.float().numpy()
+        qtype = gguf_dit_tensor_type(key, tuple(data.shape), (types or {}).get(key, quant))
+        if data.ndim > 4 and nd_layout == "orig_shape":
+            orig[prefix + key] = tuple(data.shape)
+            data = data.reshape(*data.shape[:3], -1)
+        tensors.append((prefix + key, data, qtype))
+    return _write_gguf(path, arch, quant, tensors, orig)
+
+
+def dit_state_dict_wide(model_type: str = "t2v", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny DiT 256 wide (2 heads of 128): every block Linear can be stored in a K-quant."""
+    in_dim = {"t2v": 16, "i2v": 36, "ti2v": 48}[model_type]
+    config = WanConfig(model_type, in_dim=in_dim, out_dim=48 if model_type == "ti2v" else 16, **GGUF_WIDE_DIT)
+    return _randomize(WanModel(config), seed)
+
+
+# llama.cpp's T5 encoder names for the internal (official Wan) UMT5 keys
+_T5_GGUF_NAMES = {"attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v", "attn.o": "attn_o",
+                  "norm1": "attn_norm", "norm2": "ffn_norm", "pos_embedding.embedding": "attn_rel_b",
+                  "ffn.gate.0": "ffn_gate", "ffn.fc1": "ffn_up", "ffn.fc2": "ffn_down"}
+
+
+def t5_internal_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    return _randomize(UMT5Encoder(T5), seed)
+
+
+def _protobuf_fields(data: bytes) -> dict[int, object]:
+    """The last value of each top-level field of a protobuf message (varint and bytes only)."""
+    fields, i = {}, 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while i < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields[number] = varint()
+        elif wire == 2:
+            n = varint()
+            fields[number], i = data[i:i + n], i + n
+        elif wire == 5:
+            fields[number], i = data[i:i + 4], i + 4
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+    return fields
+
+
+def _t5_tokenizer_metadata(writer: gguf.GGUFWriter, model: bytes) -> None:
+    """The vocabulary as llama.cpp's convert_hf_to_gguf stores a T5 sentencepiece model."""
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
+             else 1 for i in range(n)]
+    normalizer = _protobuf_fields(_protobuf_fields(model)[3])  # ModelProto.normalizer_spec
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([sp.get_score(i) for i in range(n)])
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(bool(normalizer.get(3, 1)))
+    writer.add_remove_extra_whitespaces(bool(normalizer.get(4, 1)))
+    if normalizer.get(2):
+        writer.add_precompiled_charsmap(normalizer[2])
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_pad_token_id(sp.pad_id())
+
+
+def write_gguf_t5(path: str | Path, quant: str = "Q8_0", seed: int = 0, tokenizer: str = "embedded") -> Path:
+    """A tiny UMT5 encoder GGUF with llama.cpp's T5 names (``enc.blk.N.attn_q.weight``,
+    ``token_embd.weight``, architecture "t5encoder", as city96's umt5-xxl-encoder-gguf).
+    ``tokenizer``: "embedded" stores the sentencepiece vocabulary in the file's metadata as
+    llama.cpp does; "beside" writes ``spiece.model`` next to the file instead."""
+    internal = t5_internal_state_dict(seed)
+    tensors = []
+    for key, t in internal.items():
+        if key == "token_embedding.weight":
+            name = "token_embd.weight"
+        elif key == "norm.weight":
+            name = "enc.output_norm.weight"
+        else:
+            _, i, rest = key.split(".", 2)
+            module = rest.removesuffix(".weight")
+            name = f"enc.blk.{i}.{_T5_GGUF_NAMES[module]}.weight"
+        data = t.float().numpy()
+        if data.ndim == 1 or data.size <= 1024 or name == "token_embd.weight":
+            qtype = _QT.F32 if data.ndim == 1 or data.size <= 1024 else _QT.F16
+        else:
+            qtype = gguf_dit_tensor_type(name, tuple(data.shape), quant)
+        tensors.append((name, data, qtype))
+    model = tokenizer_model(seed)
+    out = _write_gguf(path, "t5encoder", quant, tensors, {},
+                      metadata=(lambda w: _t5_tokenizer_metadata(w, model)) if tokenizer == "embedded" else None)
+    if tokenizer == "beside":
+        (Path(path).parent / "spiece.model").write_bytes(model)
+    return out
+
+
+# file name -> (ComfyUI model folder, write_gguf_dit arguments); the DiT seeds are those of the
+# safetensors files of the same model above, so a GGUF and its fp8 / fp16 twin hold the same weights
+GGUF_FILES: dict[str, tuple[str, dict]] = {
+    "wan2.1_t2v_1.3B_F16.gguf": ("diffusion_models", dict(model_type="t2v", quant="F16", seed=1)),
+    "wan2.2_i2v_high_noise_14B_Q8_0.gguf": ("diffusion_models", dict(model_type="i2v", quant="Q8_0", seed=5)),
+    "wan2.2_i2v_low_noise_14B_Q8_0.gguf": ("diffusion_models", dict(model_type="i2v", quant="Q8_0", seed=6)),
+    "wan2.2_i2v_high_noise_14B_Q4_K_M.gguf": ("diffusion_models", dict(model_type="i2v", quant="Q4_K", seed=5)),
+    "wan2.2_i2v_low_noise_14B_Q4_K_M.gguf": ("diffusion_models", dict(model_type="i2v", quant="Q4_K", seed=6)),
+}
+
+
+def write_gguf_models(models_dir: str | Path, names: list[str] | None = None,
+                      folders: dict[str, str] | None = None) -> dict[str, Path]:
+    """Write the named GGUF files (default: all of GGUF_FILES) as :func:`write_models` does."""
+    written = {}
+    for name in names or list(GGUF_FILES):
+        folder, kwargs = GGUF_FILES[name]
+        path = Path(models_dir) / (folders or {}).get(folder, folder) / name
+        if not path.exists():
+            write_gguf_dit(path, **kwargs)
+        written[name] = path
+    return written
+
+
+# byte offsets of each block type's fp16 scales (random bytes there could be NaN or inf)
+GGUF_FP16_SCALES = {_QT.Q8_0: (0,), _QT.Q4_0: (0,), _QT.Q4_1: (0, 2), _QT.Q5_0: (0,), _QT.Q5_1: (0, 2),
+                    _QT.Q2_K: (80, 82), _QT.Q3_K: (108,), _QT.Q4_K: (0, 2), _QT.Q5_K: (0, 2), _QT.Q6_K: (208,)}
+_FLOAT_BITS = {_QT.F16: (np.uint16, 0x7C00), _QT.BF16: (np.uint16, 0x7F80), _QT.F32: (np.uint32, 0x7F800000)}
+
+
+def random_gguf_blocks(qtype: _QT, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """``n_blocks`` random valid blocks of ``qtype`` as uint8 [n_blocks, type_size]: random
+    bytes (every bit pattern of the packed values is a valid block), with finite fp16 scales
+    of varied magnitude where the type has them and no inf / NaN for the float types."""
+    rng = np.random.default_rng(seed)
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    if qtype in _FLOAT_BITS:
+        width, exponent = _FLOAT_BITS[qtype]
+        values = raw.view(width)
+        top = width(1 << (exponent.bit_length() - 1))
+        values[(values & exponent) == exponent] &= ~top  # clear the exponent's top bit
+        return raw
+    for at in GGUF_FP16_SCALES[qtype]:
+        scale = rng.standard_normal(n_blocks) * rng.choice([1e-3, 1e-2, 1.0], n_blocks)
+        raw[:, at:at + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    return raw
