@@ -45,6 +45,10 @@ class LazyStateDict(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._handle.get_tensor(self._names[key])
 
+    def __contains__(self, key: object) -> bool:
+        # Mapping's default looks the key up, which would read the tensor to answer.
+        return key in self._names
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 

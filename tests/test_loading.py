@@ -135,3 +135,35 @@ def test_placement_per_tensor(models):
     weights = {k for k, t in model.state_dict().items() if not k.endswith((".scale_weight", ".scale_input"))}
     assert set(asked) == weights
     assert model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn  # fp8 kept on the way
+
+
+def test_each_tensor_is_read_from_the_file_once(tmp_path, monkeypatch):
+    """Checking which tensors exist must not read them (a Mapping's default ``in`` does)."""
+    from safetensors import safe_open
+    import factory
+    from wanfit.optim import loading
+    from wanfit.wan.checkpoint import open_checkpoint
+
+    name = "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"
+    ckpt = open_checkpoint(factory.write_models(tmp_path, [name])[name], expect="dit")
+    reads = []
+    real_open = loading.safe_open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self._inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self._handle = self._inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._inner.__exit__(*exc)
+
+        def get_tensor(self, key):
+            reads.append(key)
+            return self._handle.get_tensor(key)
+
+    monkeypatch.setattr(loading, "safe_open", Counting)
+    loading.load_dit(ckpt, dtype=torch.float32)
+    assert reads and len(reads) == len(set(reads)), [k for k in set(reads) if reads.count(k) > 1][:3]
