@@ -139,8 +139,8 @@ def test_placement_per_tensor(models):
 
 def test_each_tensor_is_read_from_the_file_once(tmp_path, monkeypatch):
     """Checking which tensors exist must not read them (a Mapping's default ``in`` does)."""
-    from safetensors import safe_open
     import factory
+
     from wanfit.optim import loading
     from wanfit.wan.checkpoint import open_checkpoint
 
