@@ -28,24 +28,58 @@ def _present_folders(kind: str) -> list[str]:
     return [name for name in FOLDER_ALIASES[kind] if name in known]
 
 
+GGUF_KINDS = ("diffusion_models", "text_encoders")  # WanFit reads GGUF DiTs and UMT5 encoders
+
+
+def _gguf_key(kind: str) -> str | None:
+    """A folder key listing the ``.gguf`` files of ``kind``'s folders (ComfyUI lists only the
+    extensions a key registers, and .gguf is none of the core ones), registered once. It
+    shares the folder list of the first spelling present, so a folder added later counts too
+    (the way ComfyUI-GGUF registers its ``unet_gguf``)."""
+    if kind not in GGUF_KINDS:
+        return None
+    fp, key = _folder_paths(), f"wanfit_gguf_{kind}"
+    if key not in fp.folder_names_and_paths:
+        present = _present_folders(kind)
+        if not present:
+            return None
+        fp.folder_names_and_paths[key] = (fp.folder_names_and_paths[present[0]][0], {".gguf"})
+    return key
+
+
+def _keys(kind: str) -> list[str]:
+    return _present_folders(kind) + [k for k in [_gguf_key(kind)] if k]
+
+
 def list_models(kind: str) -> list[str]:
-    """File names in every folder registered for ``kind`` (either spelling), sorted, unique."""
+    """File names in every folder registered for ``kind`` (either spelling; .gguf files too
+    for diffusion models and text encoders), sorted, unique."""
     fp = _folder_paths()
     names: set[str] = set()
-    for folder in _present_folders(kind):
+    for folder in _keys(kind):
         names.update(fp.get_filename_list(folder))
     return sorted(names)
 
 
-def model_path(kind: str, name: str) -> str:
-    """Full path of ``name``; raises FileNotFoundError naming the folders searched."""
+def model_folders(kind: str) -> list[str]:
+    """The real paths of every folder registered for ``kind``."""
     fp = _folder_paths()
-    folders = _present_folders(kind)
-    for folder in folders:
+    return [os.path.realpath(p) for folder in _present_folders(kind) for p in fp.get_folder_paths(folder)]
+
+
+def model_path(kind: str, name: str) -> str:
+    """Real path of ``name``; raises FileNotFoundError naming the folders searched, and
+    PermissionError for a link leading out of every ``kind`` folder (the file is not read)."""
+    fp = _folder_paths()
+    for folder in _keys(kind):
         path = fp.get_full_path(folder, name)
         if path and os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"{name}: not found in the ComfyUI model folders {', '.join(folders)}")
+            real = os.path.realpath(path)
+            if not any(os.path.commonpath([real, root]) == root for root in model_folders(kind)):
+                raise PermissionError(f"{name}: a link to a file outside the ComfyUI {kind} folders; WanFit reads "
+                                      "model files inside them only (add the other folder in extra_model_paths.yaml)")
+            return real
+    raise FileNotFoundError(f"{name}: not found in the ComfyUI model folders {', '.join(_present_folders(kind))}")
 
 
 def compute_device():

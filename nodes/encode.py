@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..optim import loading, planner
+from ..optim.gguf import GGUFCheckpoint, load_text_encoder_gguf
 from ..wan.checkpoint import Checkpoint
 from . import comfy, stages
 from .load import VAEHandle
@@ -55,7 +56,10 @@ def encode_prompts(ckpt: Checkpoint, prompts: list[str]) -> list[torch.Tensor]:
 
 def _run_t5(ckpt: Checkpoint, prompts: list[str], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """UMT5 contexts [N, 512, D] (float32, CPU) of ``prompts``; the encoder is gone on return."""
-    encoder, tokenizer = loading.load_text_encoder(ckpt, dtype, device)
+    if isinstance(ckpt, GGUFCheckpoint):
+        encoder, tokenizer = load_text_encoder_gguf(ckpt, dtype, device)
+    else:
+        encoder, tokenizer = loading.load_text_encoder(ckpt, dtype, device)
     try:
         with torch.inference_mode():
             ids, mask = tokenizer(prompts)

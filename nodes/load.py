@@ -5,15 +5,19 @@ detected config); the sampler, encoders and decoder read weights only when they 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+from ..optim import files
+from ..optim.files import ModelFile
+from ..optim.gguf import GGUFCheckpoint
 from ..optim.lora import LoraFile
 from ..optim.loading import WEIGHT_FORMATS
 from ..wan.attention import available_backends
-from ..wan.checkpoint import Checkpoint, CheckpointError, open_checkpoint
-from ..wan.detect import detect_dit_config, variant_name
+from ..wan.checkpoint import Checkpoint, CheckpointError
+from ..wan.detect import variant_name
 from ..wan.model import WanConfig
-from ..wan.vae_common import VAEConfig, detect_vae_config
+from ..wan.vae_common import VAEConfig
 from . import comfy
 
 CATEGORY = "WanFit/loaders"
@@ -86,22 +90,42 @@ class VAEHandle:
         return self.ckpt.name
 
 
-def _check_file(kind: str, family: str, file: str, detect=None):
+_VERIFIED: dict[tuple, tuple | str] = {}  # (real path, size, mtime, family) -> (handle, config) or the problem
+_VERIFIED_MAX = 64
+
+
+def open_verified(kind: str, family: str, file: str) -> tuple[ModelFile, object]:
+    """The file's header-only handle and detected config, every tensor checked (optim/files).
+    Kept per file version (path, size, mtime), so /prompt, which validates on ComfyUI's event
+    loop for every request, parses a file once, good or bad."""
+    path = comfy.model_path(kind, file)
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns, family)
+    if key not in _VERIFIED:
+        try:
+            ckpt = files.open_model(path, expect=family)
+            _VERIFIED[key] = (ckpt, files.verify(ckpt))
+        except CheckpointError as err:
+            _VERIFIED[key] = str(err)
+        while len(_VERIFIED) > _VERIFIED_MAX:
+            _VERIFIED.pop(next(iter(_VERIFIED)))
+    found = _VERIFIED[key]
+    if isinstance(found, str):
+        raise CheckpointError(found)
+    return found
+
+
+def _check_file(kind: str, family: str, file: str):
     """VALIDATE_INPUTS body shared by the loaders: True, or a message naming the problem
-    (None: the name comes over a link, checked when the node runs). ``detect`` runs on the
-    header's shapes too (e.g. a DiT variant WanFit does not support)."""
+    (None: the name comes over a link, checked when the node runs)."""
     if file is None:
         return True
-    if file not in comfy.list_models(kind):
-        return f"{file}: not found in the ComfyUI {kind} folder"
+    if not isinstance(file, str) or file not in comfy.list_models(kind):
+        return f"{file!r}: not found in the ComfyUI {kind} folder"
     try:
-        ckpt = open_checkpoint(comfy.model_path(kind, file), expect=family)
-        if detect is not None:
-            detect(ckpt.shapes)
-    except (CheckpointError, FileNotFoundError) as err:
+        open_verified(kind, family, file)
+    except (CheckpointError, FileNotFoundError, PermissionError) as err:
         return str(err)
-    except ValueError as err:
-        return f"{file}: {err}"
     return True
 
 
@@ -120,25 +144,23 @@ class _Loader:
         # Reads the header only, so a wrong file is a 400 at /prompt, not a failed run.
         return _check_file(cls.KIND, cls.FAMILY, file)
 
-    def _open(self, file: str) -> Checkpoint:
-        return open_checkpoint(comfy.model_path(self.KIND, file), expect=self.FAMILY)
+    def _open(self, file: str) -> tuple[ModelFile, object]:
+        return open_verified(self.KIND, self.FAMILY, file)
 
     def load(self, file: str):
-        return (self._open(file),)
+        return (self._open(file)[0],)
 
 
 class WanFitModelLoader(_Loader):
-    """Open a Wan 2.1 / 2.2 diffusion model (diffusion_models or unet folder). The file is
-    validated and its variant detected from tensor shapes; weights are read only when sampling,
-    in the chosen weight format (auto keeps fp8 files fp8), compute dtype and attention backend."""
+    """Open a Wan 2.1 / 2.2 diffusion model (diffusion_models or unet folder): .safetensors
+    (bf16, fp16, fp8, fp8_scaled) or .gguf (Q8_0 ... Q3_K). The file is validated and its
+    variant detected from tensor shapes; weights are read only when sampling, in the chosen
+    weight format (auto keeps fp8 files fp8 and GGUF files quantised), compute dtype and
+    attention backend."""
 
     DISPLAY_NAME = "WanFit Model Loader"
     KIND, FAMILY = "diffusion_models", "dit"
     RETURN_TYPES = ("WANFIT_MODEL",)
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, file):
-        return _check_file(cls.KIND, cls.FAMILY, file, detect_dit_config)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -150,11 +172,10 @@ class WanFitModelLoader(_Loader):
         }}
 
     def load(self, file: str, weight_dtype: str = "auto", compute_dtype: str = "bf16", attention: str = "auto"):
-        ckpt = self._open(file)
-        try:
-            config = detect_dit_config(ckpt.shapes)
-        except ValueError as err:
-            raise CheckpointError(f"{ckpt.name}: {err}") from err
+        ckpt, config = self._open(file)
+        if isinstance(ckpt, GGUFCheckpoint) and weight_dtype.startswith("fp8"):
+            raise ValueError(f"{ckpt.name} is a GGUF model ({ckpt.quant_label()}); weight_dtype auto keeps it "
+                             f"quantised, bf16 / fp16 / fp32 dequantise it; {weight_dtype} does not apply")
         return (ModelHandle(ckpt, config, weight_dtype, compute_dtype, attention),)
 
 
@@ -166,17 +187,14 @@ class WanFitVAELoader(_Loader):
     RETURN_TYPES = ("WANFIT_VAE",)
 
     def load(self, file: str):
-        ckpt = self._open(file)
-        try:
-            config = detect_vae_config(ckpt.shapes)
-        except ValueError as err:
-            raise CheckpointError(f"{ckpt.name}: {err}") from err
+        ckpt, config = self._open(file)
         return (VAEHandle(ckpt, config),)
 
 
 class WanFitTextEncoderLoader(_Loader):
-    """Open the UMT5-XXL text encoder (text_encoders or clip folder). The tokenizer is read
-    from the file (spiece_model) or from a tokenizer file beside it."""
+    """Open the UMT5-XXL text encoder (text_encoders or clip folder), .safetensors or .gguf.
+    The tokenizer is read from the file (spiece_model, or a GGUF's own vocabulary) or from a
+    tokenizer file beside it."""
 
     DISPLAY_NAME = "WanFit Text Encoder Loader"
     KIND, FAMILY = "text_encoders", "t5"

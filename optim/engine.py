@@ -18,7 +18,7 @@ from ..wan.checkpoint import Checkpoint
 from ..wan.detect import detect_dit_config
 from ..wan.denoise import DiTCall
 from ..wan.model import WanModel, WanState
-from . import loading, lora
+from . import gguf, loading, lora
 from .offload import Backend, BlockSwapper, OnCallOffload, SwapStats, offload_on_call
 
 log = logging.getLogger("WanFit")
@@ -106,8 +106,12 @@ class PreparedDiT:
             names = sorted(set(old) | set(new))
             if names:
                 merge_dtype = loading.DTYPES.get(self.weight_format, self.dtype)
-                loading.reload_dit_tensors(self.model, self.ckpt, names, self.dtype, self.weight_format,
-                                           transform=lambda t, keys: lora.MergedTensors(t, new, merge_dtype, keys))
+                transform = lambda t, keys: lora.MergedTensors(t, new, merge_dtype, keys)  # noqa: E731
+                if isinstance(self.ckpt, gguf.GGUFCheckpoint):
+                    gguf.reload_dit_tensors_gguf(self.model, self.ckpt, names, merge_dtype, transform)
+                else:
+                    loading.reload_dit_tensors(self.model, self.ckpt, names, self.dtype, self.weight_format,
+                                               transform=transform)
             state.fixed, state.reads = wanted, names
             extra = lora.difference(wanted, state.merged)
             if extra:
@@ -124,7 +128,21 @@ class PreparedDiT:
         self.swapper, self.offloads = attached.swapper, attached.offloads
 
 
-def prepare_dit(ckpt: Checkpoint, device: torch.device | str | Backend, settings: SwapSettings = SwapSettings(),
+def _load_dit(ckpt: Checkpoint | gguf.GGUFCheckpoint, dtype: torch.dtype, weight_format: str,
+              place: loading.Placement, attention: str, transform: loading.Transform | None) -> WanModel:
+    """``loading.load_dit``, or for a GGUF file ``gguf.load_dit_gguf``: "auto" keeps its block
+    weights quantised (dequantised per matmul), bf16 / fp16 / fp32 dequantise them at load."""
+    if not isinstance(ckpt, gguf.GGUFCheckpoint):
+        return loading.load_dit(ckpt, dtype=dtype, weight_format=weight_format, device=place, attention=attention,
+                                transform=transform)
+    if weight_format != "auto" and weight_format not in loading.DTYPES:
+        raise ValueError(f"{ckpt.name} is a GGUF model ({ckpt.quant_label()}): weight_dtype must be auto (keep it "
+                         f"quantised) or bf16 / fp16 / fp32, not {weight_format}")
+    return gguf.load_dit_gguf(ckpt, loading.DTYPES.get(weight_format, dtype), place, attention,
+                              keep_quantized=weight_format == "auto", transform=transform)
+
+
+def prepare_dit(ckpt: Checkpoint | gguf.GGUFCheckpoint, device: torch.device | str | Backend, settings: SwapSettings = SwapSettings(),
                 dtype: torch.dtype = torch.bfloat16, weight_format: str = "auto",
                 attention: str = "auto", loras: Sequence[tuple[lora.AppliedLora, str]] = ()) -> PreparedDiT:
     """Load the DiT in ``ckpt`` with its last ``settings.blocks_to_swap`` blocks on the host.
@@ -159,9 +177,8 @@ def prepare_dit(ckpt: Checkpoint, device: torch.device | str | Backend, settings
     merged_ids = {id(a) for a in merged}
     patches = lora.patches_of(applied, lambda a, d: id(a) in merged_ids or lora.is_fixed(a, d))
     merge_dtype = loading.DTYPES.get(weight_format, dtype)  # what load_dit casts to
-    model = loading.load_dit(ckpt, dtype=dtype, weight_format=weight_format, device=place, attention=attention,
-                             transform=(lambda t, keys: lora.MergedTensors(t, patches, merge_dtype, keys)) if patches
-                             else None)
+    model = _load_dit(ckpt, dtype, weight_format, place, attention,
+                      (lambda t, keys: lora.MergedTensors(t, patches, merge_dtype, keys)) if patches else None)
     state = LoraState(merged=merged, fixed=applied)
     if unmerged:
         state.unmerged = lora.attach_unmerged(model, unmerged, dtype)

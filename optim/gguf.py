@@ -774,7 +774,8 @@ def build_meta_dit(ckpt: GGUFCheckpoint, dtype: torch.dtype = torch.bfloat16, at
 
 def load_dit_gguf(source: str | Path | GGUFCheckpoint, dtype: torch.dtype = torch.bfloat16,
                   device: loading.Placement = "cpu", attention: str = "auto",
-                  uniform_blocks: bool = True, keep_quantized: bool = True) -> WanModel:
+                  uniform_blocks: bool = True, keep_quantized: bool = True,
+                  transform: loading.Transform | None = None) -> WanModel:
     """Build the Wan DiT in a GGUF file, streaming tensor by tensor from the memory map.
 
     Block Linears stored quantised become :class:`GGUFLinear` holding the stored bytes
@@ -783,17 +784,48 @@ def load_dit_gguf(source: str | Path | GGUFCheckpoint, dtype: torch.dtype = torc
     Linears too, once, at load (full-speed matmuls where memory allows; a "bf16" weight
     format). ``device`` is one device or ``name -> device``, as in ``optim.loading``. On the
     CPU, unpadded quantised weights (and F32 tensors loaded as float32) stay views of the
-    private file mapping: no copy in host RAM until written.
+    private file mapping: no copy in host RAM until written. ``transform`` (LoRA deltas
+    merged while streaming, as ``loading.load_dit``) sees the dequantised tensors; it may not
+    touch a weight kept quantised.
     """
     ckpt = source if isinstance(source, GGUFCheckpoint) else open_gguf(source, expect="dit")
     if ckpt.family != "dit":
         raise CheckpointError(f"{ckpt.name}: a {ckpt.family} GGUF, not a Wan diffusion model (DiT)")
     model = build_meta_dit(ckpt, dtype, attention, uniform_blocks, keep_quantized)
-    kept = {f"{path}.weight": m.weight.numel() for path, m in model.named_modules() if isinstance(m, GGUFLinear)}
+    kept = _kept(model)
     with ckpt.open_raw() as raw:
         tensors = _GGUFStateDict(raw, ckpt.tensors, {k: k for k in ckpt.tensors}, kept, dtype)
-        return loading.stream_weights(model, tensors, {}, dtype, device, ckpt.name,
-                                      fp8_predicate=lambda key, shape: False)
+        return loading.stream_weights(model, _transformed(ckpt, tensors, kept, transform), {}, dtype, device,
+                                      ckpt.name, fp8_predicate=lambda key, shape: False)
+
+
+def _kept(model: nn.Module) -> dict[str, int]:
+    return {f"{path}.weight": m.weight.numel() for path, m in model.named_modules() if isinstance(m, GGUFLinear)}
+
+
+def _transformed(ckpt: GGUFCheckpoint, tensors: Mapping, kept: Mapping[str, int],
+                 transform: loading.Transform | None) -> Mapping:
+    if transform is None:
+        return tensors
+    patched = transform(tensors, {})
+    touched = sorted(set(getattr(patched, "targets", ())) & set(kept))
+    if touched:  # a full delta (.diff) on a quantised weight: no re-quantiser for these types
+        raise CheckpointError(f"{ckpt.name}: a LoRA changes the quantised weight {touched[0]} as a whole "
+                              "(a .diff delta); GGUF weights take low-rank LoRAs only")
+    return patched
+
+
+def reload_dit_tensors_gguf(model: WanModel, ckpt: GGUFCheckpoint, names: list[str],
+                            dtype: torch.dtype = torch.bfloat16, transform: loading.Transform | None = None) -> None:
+    """``loading.reload_dit_tensors`` for a GGUF DiT: the tensors ``names`` (never weights kept
+    quantised) read and dequantised again, through ``transform``, each onto its current device."""
+    kept = _kept(model)
+    with ckpt.open_raw() as raw:
+        tensors = _transformed(ckpt, _GGUFStateDict(raw, ckpt.tensors, {k: k for k in ckpt.tensors}, kept, dtype),
+                               kept, transform)
+        for name in names:
+            current = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+            loading.set_tensor(model, name, tensors[name].to(device=current.device, dtype=current.dtype))
 
 
 @dataclass(frozen=True)

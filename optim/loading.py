@@ -65,7 +65,8 @@ def open_lazy(ckpt: Checkpoint, rename: Callable[[list[str]], Mapping[str, str]]
         yield LazyStateDict(handle, {new: ckpt.prefix + old for old, new in renamed.items()})
 
 
-def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the parameter or buffer ``name`` of ``module``."""
     parent_name, _, attr = name.rpartition(".")
     parent = module.get_submodule(parent_name) if parent_name else module
     if attr in parent._parameters:
@@ -134,7 +135,7 @@ def stream_weights(module: nn.Module, tensors: Mapping[str, torch.Tensor], info:
             value = fp8.dequantize(value, tensors.get(f"{owner}.scale_weight", 1.0), dtype)
         elif value.is_floating_point():
             value = value.to(dtype)
-        _set_tensor(module, name, value.to(place(name)))
+        set_tensor(module, name, value.to(place(name)))
     leftovers = [n for n, t in module.state_dict(keep_vars=True).items() if t is not None and t.is_meta]
     if leftovers:
         raise CheckpointError(f"{source}: tensors left unloaded: {', '.join(leftovers[:3])}")
@@ -232,7 +233,7 @@ def reload_dit_tensors(model: WanModel, ckpt: Checkpoint, names: list[str], dtyp
                 continue
             if fp8.is_fp8(value.dtype):
                 value = fp8.dequantize(value, tensors.get(f"{owner}.scale_weight", 1.0), dtype)
-            _set_tensor(model, name, value.to(device=current.device, dtype=current.dtype))
+            set_tensor(model, name, value.to(device=current.device, dtype=current.dtype))
 
 
 def loaded_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:

@@ -607,6 +607,11 @@ class MergedTensors(Mapping):
         self._read = _Readers()
         self.merged: list[str] = []  # keys patched so far, in order
 
+    @property
+    def targets(self) -> set[str]:
+        """The keys this view patches."""
+        return set(self._patches)
+
     def __getitem__(self, key: str) -> torch.Tensor:
         owner, _, attr = key.rpartition(".")
         weight = f"{owner}.weight"

@@ -33,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -155,6 +156,31 @@ def dit_weights(config: WanConfig, weights: str = "bf16", compute_dtype: torch.d
     return DitWeights(block=BlockLayout(state_tensors(block)).nbytes, block_params=_meta_bytes(block),
                       num_blocks=config.num_layers, other=_meta_bytes(model) - _meta_bytes(block),
                       largest_linear=largest)
+
+
+@dataclass(frozen=True)
+class AsLoaded:
+    """A DiT that is not simply ``config`` in a weight format: ``build()`` returns its meta model
+    as the loader will fill it (GGUF layers holding quantised bytes, unmerged LoRA factors and
+    hooks); ``key`` identifies it for the caches and ``label`` names it in the plan."""
+
+    key: Hashable
+    label: str
+    build: Callable[[], WanModel] = field(compare=False, hash=False, repr=False)
+
+
+@functools.lru_cache(maxsize=32)
+def loaded_weights(loaded: AsLoaded, compute_dtype: torch.dtype) -> DitWeights:
+    """Exact weight bytes of a model ``loaded.build()`` makes: each block packed as
+    ``BlockSwapper`` packs it (the largest, when blocks differ: a slot must hold any)."""
+    model = loaded.build()
+    blocks = list(model.blocks)
+    packed = [BlockLayout(state_tensors(b)).nbytes for b in blocks]
+    params = [_meta_bytes(b) for b in blocks]
+    largest = max((m.weight.numel() * compute_dtype.itemsize for m in model.modules() if isinstance(m, fp8.FP8Linear)),
+                  default=0)
+    return DitWeights(block=max(packed), block_params=max(params), num_blocks=len(blocks),
+                      other=_meta_bytes(model) - sum(params), largest_linear=largest)
 
 
 @functools.lru_cache(maxsize=16)
@@ -319,7 +345,17 @@ def _traced_model(config: WanConfig, weights: str, dtype: torch.dtype, scaled_mm
     else they upcast their weight per call."""
     with torch.device("meta"):
         model = _build_dit(dataclasses.replace(config, num_layers=2), weights, dtype).eval()
-    model.attention_backend = "sdpa"
+    return _for_tracing(model, scaled_mm)
+
+
+def _traced_as_loaded(loaded: AsLoaded, scaled_mm: bool) -> WanModel:
+    model = loaded.build().eval()
+    model.blocks = nn.ModuleList(list(model.blocks)[:2])  # every later block repeats the second
+    return _for_tracing(model, scaled_mm)
+
+
+def _for_tracing(model: WanModel, scaled_mm: bool) -> WanModel:
+    model.attention_backend = "sdpa"  # the kernel is chosen by _Kernel, as on the planned device
     for layer in model.modules():
         if isinstance(layer, fp8.FP8Linear):
             layer._use_mm[torch.device("meta")] = scaled_mm and layer._mm_shapes_ok
@@ -328,7 +364,8 @@ def _traced_model(config: WanConfig, weights: str, dtype: torch.dtype, scaled_mm
 
 def dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int = 1,
                     compute_dtype: torch.dtype = torch.bfloat16, weights: str = "bf16",
-                    attention: str = "sdpa", device_type: str = "cuda", fp8_matmul: bool = True) -> Activations:
+                    attention: str = "sdpa", device_type: str = "cuda", fp8_matmul: bool = True,
+                    loaded: AsLoaded | None = None) -> Activations:
     """Activation bytes of one ``WanModel.forward`` over a token ``grid`` (F, H, W after patching).
 
     The model's own forward runs on meta tensors (no memory, no compute) under
@@ -337,22 +374,29 @@ def dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int = 
     ``torch._scaled_mm`` path when ``fp8_matmul`` on CUDA, else they upcast their weight per
     call. On CUDA the host inputs (timestep sinusoids, RoPE) arrive by a copy, counted; on a
     CPU they are already there. Inputs (latent, conditioning, text) and weights are not
-    counted. ``device_type="cpu"`` adds the CPU kernels' measured scratch.
+    counted. ``device_type="cpu"`` adds the CPU kernels' measured scratch. ``loaded``: trace
+    that model instead (its first two blocks), e.g. GGUF layers dequantising per call or
+    unmerged LoRA matmuls; ``weights`` is then not read.
     """
     # A CPU's measured kernel scratch depends on its thread count, so that is part of the key.
     threads = torch.get_num_threads() if device_type == "cpu" else 0
-    return _dit_activations(config, tuple(grid), batch, compute_dtype, weights, attention, device_type, fp8_matmul,
-                            threads)
+    return _dit_activations(config, tuple(grid), batch, compute_dtype, weights if loaded is None else "",
+                            attention, device_type, fp8_matmul, threads, loaded)
 
 
 @functools.lru_cache(maxsize=256)
 def _dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int, compute_dtype: torch.dtype | None,
-                     weights: str, attention: str, device_type: str, fp8_matmul: bool, threads: int) -> Activations:
+                     weights: str, attention: str, device_type: str, fp8_matmul: bool, threads: int,
+                     loaded: AsLoaded | None) -> Activations:
     if not (config.qk_norm and config.cross_attn_norm):
         raise ValueError("the activation model covers the released Wan configs (qk_norm, cross_attn_norm)")
-    fp8_dtype, dtype = _storage(weights, compute_dtype)
+    if loaded is None:
+        fp8_dtype, dtype = _storage(weights, compute_dtype)
+        model = _traced_model(config, weights, dtype, fp8_dtype is not None and fp8_matmul and device_type == "cuda")
+    else:
+        dtype = compute_dtype or torch.bfloat16
+        model = _traced_as_loaded(loaded, fp8_matmul and device_type == "cuda")
     kernel = attention_kernel(attention, device_type, dtype, config.head_dim)
-    model = _traced_model(config, weights, dtype, fp8_dtype is not None and fp8_matmul and device_type == "cuda")
     # On a GPU the host inputs arrive by a copy (counted); on a CPU they are already there.
     inputs = dit_inputs(config, tuple(grid), batch, dtype, "meta", "meta" if device_type == "cpu" else "cpu")
     with torch.no_grad(), _Kernel(kernel):
@@ -561,7 +605,7 @@ def plan_memory(config: WanConfig | str, *, frames: int, width: int, height: int
                 context_frames: int | None = None, experts: int | None = None, prefetch: int | None = None,
                 reserve: int = DEFAULT_RESERVE, total: int | None = None, host_ram: int | None = None,
                 t5_weights: str = "bf16", vae_dtype: torch.dtype = torch.bfloat16,
-                margin: float = ACTIVATION_MARGIN) -> MemoryPlan:
+                margin: float = ACTIVATION_MARGIN, loaded: AsLoaded | None = None) -> MemoryPlan:
     """Plan a job's memory before anything is loaded.
 
     ``config``: a WanConfig or a ``PRESETS`` name. ``budget``: VRAM bytes the job may use, or
@@ -575,6 +619,8 @@ def plan_memory(config: WanConfig | str, *, frames: int, width: int, height: int
     the A14B pair (default: from the preset name). ``prefetch``: the swap's prefetch depth
     (default 1, or 0 when only that fits). ``host_ram``: bytes available (default: now).
     ``margin``: headroom kept on top of the activation peak, as a fraction of it.
+    ``loaded``: the model as it will be loaded when that is more than a weight format (a GGUF
+    file, unmerged LoRAs): its bytes and its traced forward replace those of ``weights``.
 
     Raises PlanError naming the smallest budget that works when even one swap slot and the
     activations do not fit.
@@ -583,7 +629,12 @@ def plan_memory(config: WanConfig | str, *, frames: int, width: int, height: int
     if isinstance(config, str):
         config = PRESETS[config]
     experts = experts or (2 if "A14B" in model else 1)
-    fp8_dtype, dtype = _storage(weights, compute_dtype)
+    if weights in WEIGHT_FORMATS[1:]:  # fp8 formats quantise on the host while loading
+        fp8_dtype, dtype = _storage(weights, compute_dtype)
+    else:  # a GGUF file: its bytes are kept as stored
+        fp8_dtype, dtype = None, compute_dtype or torch.bfloat16
+    if loaded is not None:
+        weights = loaded.label
     reserve_used = None
     if budget == "auto":
         budget, reserve_used = auto_budget(reserve, total), reserve
@@ -592,7 +643,7 @@ def plan_memory(config: WanConfig | str, *, frames: int, width: int, height: int
     window = min(context_frames or frames, frames)
     win_latent = latent_shape(config, window, width, height)
     grid = tuple(s // p for s, p in zip(win_latent, config.patch_size))
-    d = dit_weights(config, weights, dtype)
+    d = dit_weights(config, weights, dtype) if loaded is None else loaded_weights(loaded, dtype)
     n = d.num_blocks
 
     # CFG modes in order of preference: (batch, DiT calls per step)
@@ -601,7 +652,7 @@ def plan_memory(config: WanConfig | str, *, frames: int, width: int, height: int
     cond_bytes = (config.in_dim - config.out_dim) * math.prod(latent) * 4
 
     def need(batch: int) -> tuple[Activations, int, int]:
-        act = dit_activations(config, grid, batch, dtype, weights, attention, device_type, fp8_matmul)
+        act = dit_activations(config, grid, batch, dtype, weights, attention, device_type, fp8_matmul, loaded)
         # latent + noise + two solver history entries + per-call input and output, conditioning
         sampler = latent_bytes * (4 + 2 * batch) + cond_bytes * batch
         return act, math.ceil(act.peak * margin), sampler

@@ -1,4 +1,4 @@
-"""bench/gguf.py at small sizes: the same code as the figures in docs/BENCHMARKS.md."""
+"""bench/gguf_dequant.py at small sizes: the same code as the figures in docs/BENCHMARKS.md."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gguf.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gguf_dequant.py"
 
 
 def test_gguf_bench_small():

@@ -12,18 +12,15 @@ the same run; the Q4_K forward's share spent dequantising, the bytes each block 
 swapped, and the output's relative difference from bf16 are reported beside the time ratio.
 The last line of stdout is a JSON object.
 
-    python bench/gguf.py [--numel 4194304] [--dim 1536 --ffn 8960 --tokens 1560] [--repeats 7] [--block-repeats 3]
-    python bench/gguf.py --small   # the sizes tests/test_gguf_bench.py runs
+    python bench/gguf_dequant.py [--numel 4194304] [--dim 1536 --ffn 8960 --tokens 1560] [--repeats 7] [--block-repeats 3]
+    python bench/gguf_dequant.py --small   # the sizes tests/test_gguf_bench.py runs
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# This script is named gguf.py; its folder leaves the import path so `import gguf` finds the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+ROOT = Path(__file__).resolve().parents[1]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
