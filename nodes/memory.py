@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..optim import fp8, planner
+from ..optim import fp8, gguf, lora, planner
 from ..optim.engine import SwapSettings
 from ..wan.attention import available_backends
-from . import comfy
+from . import comfy, stages
 from .load import ModelHandle
 from .types import ImageEmbeds
 
@@ -48,13 +48,44 @@ class JobPlan:
 
 
 def storage_format(handle: ModelHandle) -> str:
-    """The weight format the planner should count: the loader's choice, or the file's for auto."""
+    """The weight format the planner should count: the loader's choice, or the file's for auto
+    ("gguf": a GGUF file's blocks kept as stored)."""
     if handle.weight_format != "auto":
         return handle.weight_format
+    if isinstance(handle.ckpt, gguf.GGUFCheckpoint):
+        return "gguf"
     stored = handle.ckpt.tensors["blocks.0.ffn.0.weight"].dtype
     if fp8.is_fp8(stored):
         return "fp8_e5m2" if stored == torch.float8_e5m2 else "fp8_e4m3fn_scaled"
     return handle.compute_dtype  # auto casts non-fp8 weights to the compute dtype
+
+
+def as_loaded(handle: ModelHandle, unmerged: list[lora.AppliedLora]) -> planner.AsLoaded | None:
+    """The DiT as the engine will load it, for the planner, when a weight format alone does not
+    say it: a GGUF file (its own bytes, dequantised per matmul) or LoRAs applied unmerged
+    (their factors travel with each block, their matmuls add activations)."""
+    ckpt, dtype = handle.ckpt, planner.DTYPES[handle.compute_dtype]
+    is_gguf = isinstance(ckpt, gguf.GGUFCheckpoint)
+    if not is_gguf and not unmerged:
+        return None
+    keep = handle.weight_format == "auto"
+    label = (f"{ckpt.quant_label()} GGUF" if keep else f"GGUF as {handle.weight_format}") if is_gguf \
+        else storage_format(handle)
+    if unmerged:
+        label += f" + {len(unmerged)} unmerged LoRA{'s' if len(unmerged) > 1 else ''}"
+
+    def build():
+        if is_gguf:  # every block, since a file may store blocks in different types
+            model = gguf.build_meta_dit(ckpt, planner.DTYPES.get(handle.weight_format, dtype), keep_quantized=keep)
+        else:  # its blocks are alike: two stand for all
+            with torch.device("meta"):
+                model = planner.build_dit(replace(handle.config, num_layers=2), storage_format(handle), dtype)
+        if unmerged:
+            lora.attach_unmerged(model, unmerged, dtype)
+        return model
+
+    key = (handle.key, tuple((a.lora.key, a.strength) for a in unmerged))
+    return planner.AsLoaded(key, label, handle.config.num_layers, build)
 
 
 def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch.device,
@@ -72,7 +103,8 @@ def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch
         budget=int(s.budget_gb * GIB) if s.budget_gb > 0 else "auto", reserve=int(s.reserve_gb * GIB),
         weights=storage_format(handle), compute_dtype=planner.DTYPES[handle.compute_dtype],
         guidance=cfg != 1.0, attention=attention, device_type="cuda",
-        fp8_matmul=device.type == "cuda" and fp8.scaled_mm_supported(device), prefetch=s.prefetch)
+        fp8_matmul=device.type == "cuda" and fp8.scaled_mm_supported(device), prefetch=s.prefetch,
+        loaded=as_loaded(handle, stages.held_unmerged_loras(handle)))
     swapped = plan.swapped if s.blocks_to_swap < 0 else min(s.blocks_to_swap, handle.config.num_layers)
     swap = SwapSettings(swapped if device.type == "cuda" else 0, plan.prefetch, s.pin_memory, s.offload_embeddings)
     text = plan.explain()

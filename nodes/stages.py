@@ -58,6 +58,13 @@ def unmerged_loras(handle: ModelHandle, swap: SwapSettings) -> list[lora.Applied
     return [a for a, mode in lora_modes(handle) if mode == "unmerged"]
 
 
+def held_unmerged_loras(handle: ModelHandle) -> list[lora.AppliedLora]:
+    """``unmerged_loras`` before the swap settings are known (the plan decides them): against
+    the held model when it holds ``handle``'s weights, whatever they swap."""
+    held = _LOADED["model"] is not None and _LOADED["key"][0] == handle.key
+    return unmerged_loras(handle, _LOADED["key"][1]) if held else unmerged_loras(handle, None)
+
+
 def get_model(handle: ModelHandle, swap: SwapSettings) -> PreparedDiT:
     """The DiT for ``handle`` on the compute device, swapping as ``swap`` says; a different
     one held before is released first, so two experts never share memory. When only the

@@ -124,7 +124,7 @@ def _meta_bytes(module: nn.Module) -> int:
     return sum(t.nbytes for t in state_tensors(module))
 
 
-def _build_dit(config: WanConfig, weights: str, dtype: torch.dtype) -> WanModel:
+def build_dit(config: WanConfig, weights: str, dtype: torch.dtype) -> WanModel:
     """``config`` as ``loading.load_dit`` builds it for ``weights``, on the current default
     device (meta, or fake tensors): the Linears passing ``fp8.should_quantize`` become
     ``FP8Linear`` (fp8 weight, float32 scale, bias in ``dtype``) for fp8 formats; every other
@@ -144,12 +144,12 @@ def _build_dit(config: WanConfig, weights: str, dtype: torch.dtype) -> WanModel:
 def dit_weights(config: WanConfig, weights: str = "bf16", compute_dtype: torch.dtype | None = None) -> DitWeights:
     """Exact weight bytes of ``config`` stored as ``weights`` (a ``loading.WEIGHT_FORMATS`` name).
 
-    Built on the meta device, as ``loading.load_dit`` builds it (``_build_dit``); one block
+    Built on the meta device, as ``loading.load_dit`` builds it (``build_dit``); one block
     stands for all of them.
     """
     _, dtype = _storage(weights, compute_dtype)
     with torch.device("meta"):
-        model = _build_dit(dataclasses.replace(config, num_layers=1), weights, dtype)
+        model = build_dit(dataclasses.replace(config, num_layers=1), weights, dtype)
     largest = max((m.weight.numel() * dtype.itemsize for m in model.modules() if isinstance(m, fp8.FP8Linear)),
                   default=0)
     block = model.blocks[0]
@@ -166,6 +166,7 @@ class AsLoaded:
 
     key: Hashable
     label: str
+    num_blocks: int  # the model's; ``build`` may make fewer when its blocks are all alike
     build: Callable[[], WanModel] = field(compare=False, hash=False, repr=False)
 
 
@@ -179,7 +180,7 @@ def loaded_weights(loaded: AsLoaded, compute_dtype: torch.dtype) -> DitWeights:
     params = [_meta_bytes(b) for b in blocks]
     largest = max((m.weight.numel() * compute_dtype.itemsize for m in model.modules() if isinstance(m, fp8.FP8Linear)),
                   default=0)
-    return DitWeights(block=max(packed), block_params=max(params), num_blocks=len(blocks),
+    return DitWeights(block=max(packed), block_params=max(params), num_blocks=loaded.num_blocks,
                       other=_meta_bytes(model) - sum(params), largest_linear=largest)
 
 
@@ -344,7 +345,7 @@ def _traced_model(config: WanConfig, weights: str, dtype: torch.dtype, scaled_mm
     fp8 Linears take the ``torch._scaled_mm`` path when ``scaled_mm`` (a GPU with fp8 GEMMs),
     else they upcast their weight per call."""
     with torch.device("meta"):
-        model = _build_dit(dataclasses.replace(config, num_layers=2), weights, dtype).eval()
+        model = build_dit(dataclasses.replace(config, num_layers=2), weights, dtype).eval()
     return _for_tracing(model, scaled_mm)
 
 
