@@ -2,7 +2,9 @@
 
 Cases: 832x480 with fp8 weights at 61, 81 and 121 frames on a 32 GB card, bf16 at 81 frames
 on 32 GB, fp8 at 81 frames on 24, 16, 12 and 8 GB cards, and 1280x720 81 frames on 32 GB;
-then TI2V-5B (the fp16 file of the bundled workflow) at 121 frames 1280x704 on 24 and 16 GB.
+then TI2V-5B (the fp16 file of the bundled workflow) at 121 frames 1280x704 on 24 and 16 GB;
+then GGUF experts (Q8_0 and uniform Q4_K, as city96's files store them) at 81 frames on 16,
+12 and 8 GB, their bytes from the header such a file would have (``gguf.expected_checkpoint``).
 A card's budget is its nominal size (N GiB) less ``--reserve`` (CUDA context, cuBLAS,
 desktop, allocator slack). CFG is left to the planner: cond and uncond batched (2x) unless
 one after the other keeps more blocks resident. Flash-class SDPA and fp8 matmul (RTX 40 /
@@ -30,6 +32,8 @@ CASES = [  # (card GiB, frames, width, height, weights, model)
     (32, 81, 832, 480, "bf16", MODEL), (24, 81, 832, 480, FP8, MODEL), (16, 81, 832, 480, FP8, MODEL),
     (12, 81, 832, 480, FP8, MODEL), (8, 81, 832, 480, FP8, MODEL), (32, 81, 1280, 720, FP8, MODEL),
     (24, 121, 1280, 704, "fp16", TI2V), (16, 121, 1280, 704, "fp16", TI2V),
+    # GGUF experts (city96's files; uniform-type estimates from gguf.expected_checkpoint)
+    *((card, 81, 832, 480, f"gguf:{quant}", MODEL) for quant in ("Q8_0", "Q4_K") for card in (16, 12, 8)),
 ]
 
 
@@ -41,6 +45,15 @@ def _import_planner():
     register()
     from wanfit.optim import planner
     return planner
+
+
+def _gguf_expert(planner, quant: str):
+    """The A14B expert as a ``quant`` GGUF file would load (its header estimated, no file)."""
+    from wanfit.optim import gguf
+
+    ckpt = gguf.expected_checkpoint(planner.PRESETS[MODEL], quant)
+    return planner.AsLoaded(("expected GGUF", MODEL, quant), f"{quant} GGUF", planner.PRESETS[MODEL].num_layers,
+                            lambda: gguf.build_meta_dit(ckpt))
 
 
 def main() -> None:
@@ -56,11 +69,15 @@ def main() -> None:
     gib = planner.GIB
     plans, rows = [], []
     for card, frames, width, height, weights, model in CASES:
+        loaded = None
+        if weights.startswith("gguf:"):
+            loaded = _gguf_expert(planner, weights.removeprefix("gguf:"))
+            weights = "gguf"
         try:
             plan = planner.plan_memory(model, frames=frames, width=width, height=height, weights=weights,
                                        budget="auto", total=card * gib, reserve=int(args.reserve * gib),
                                        host_ram=int(args.host_ram * gib), attention=args.attention,
-                                       fp8_matmul=not args.no_fp8_matmul, t5_weights=args.t5)
+                                       fp8_matmul=not args.no_fp8_matmul, t5_weights=args.t5, loaded=loaded)
         except planner.PlanError as err:
             print(f"[{card} GB, {frames} frames {width}x{height}, {weights}] {err}\n")
             plans.append({"card_gib": card, "model": model, "frames": frames, "width": width, "height": height,
@@ -69,7 +86,7 @@ def main() -> None:
         print(f"[{card} GB card] {plan.explain()}\n")
         plans.append({"card_gib": card, **plan.to_dict()})
         cfg = "batched" if plan.batch == 2 else "sequential" if plan.passes == 2 else "single"
-        rows.append((f"{card} GB", "TI2V-5B " * (model == TI2V) + f"{frames}f {width}x{height}", weights, f"{plan.budget / gib:.1f}",
+        rows.append((f"{card} GB", "TI2V-5B " * (model == TI2V) + f"{frames}f {width}x{height}", plan.weights, f"{plan.budget / gib:.1f}",
                      f"{plan.resident}/{plan.swapped}/{plan.prefetch}", cfg, f"{plan.activations.peak / gib:.1f}",
                      f"{plan.sampling_vram / gib:.1f}", f"{plan.peak_vram / gib:.1f}", f"{plan.peak_host / gib:.1f}"))
     header = ("card", "job", "weights", "budget", "res/swap/pf", "cfg", "act", "sampling", "peak VRAM", "peak host")

@@ -19,7 +19,11 @@ def _plans(*args: str) -> dict:
 def test_plans_for_the_issue_cases():
     plans = _plans()
     fp8 = "fp8_e4m3fn_scaled"
-    assert len(plans) == 11 and not any("error" in p for p in plans.values())
+    assert len(plans) == 17 and not any("error" in p for p in plans.values())
+    for card in (16, 12, 8):  # GGUF experts: Q4_K moves about half an fp8 block's bytes
+        fp8_plan, q8, q4 = (plans[card, 81, 832, w] for w in (fp8, "Q8_0 GGUF", "Q4_K GGUF"))
+        assert q4["block_bytes"] < 0.6 * fp8_plan["block_bytes"] < q8["block_bytes"]
+        assert q4["resident"] > fp8_plan["resident"] >= q8["resident"]
     for frames in (61, 81, 121):  # seed 001: ComfyUI offloads here; nothing needs to
         plan = plans[32, frames, 832, fp8]
         assert (plan["resident"], plan["swapped"]) == (40, 0)
