@@ -741,7 +741,7 @@ class StepCache:
 
     # calibration
 
-    def calibration(self, name: str, **meta: Any) -> Calibration:
+    def calibration(self, name: str, meta: dict[str, Any] | None = None) -> Calibration:
         """The calibration a :class:`Calibrate` job recorded (all steps must have run)."""
         if not isinstance(self.policy, Calibrate):
             raise ValueError("only a calibration job records a calibration")
@@ -754,7 +754,7 @@ class StepCache:
         by_branch: dict[str, list[dict]] = {}
         for (branch, _window), st in self._states.items():
             by_branch.setdefault(branch, []).extend(st.points)
-        return Calibration.from_points(name, self.steps, by_branch, **meta)
+        return Calibration.from_points(name, self.steps, by_branch, meta)
 
 
 # --- calibrations -----------------------------------------------------------------------------
@@ -783,7 +783,8 @@ class Calibration:
     meta: dict[str, Any] = field(default_factory=dict)  # model, loras, shift, scheduler, size, ...
 
     @classmethod
-    def from_points(cls, name: str, steps: int, by_branch: dict[str, list[dict]], **meta: Any) -> Calibration:
+    def from_points(cls, name: str, steps: int, by_branch: dict[str, list[dict]],
+                    meta: dict[str, Any] | None = None) -> Calibration:
         if not NAME_RE.match(name):
             raise ValueError(f"calibration name {name!r}: use letters, digits, space, '.', '_' or '-' (up to 64)")
         ratios, stds = np.ones((steps, 2)), np.zeros((steps, 2))
@@ -803,7 +804,7 @@ class Calibration:
                 teacache[mode] = list(fit_teacache(*zip(*xy)))
         return cls(name, steps, [round(float(v), 6) for v in ratios.reshape(-1)],
                    [round(float(v), 6) for v in stds.reshape(-1)], teacache, by_branch,
-                   {"created": time.strftime("%Y-%m-%d %H:%M:%S"), **meta})
+                   {"created": time.strftime("%Y-%m-%d %H:%M:%S"), **(meta or {})})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -345,7 +345,7 @@ def test_calibration_then_threshold_zero_reproduces_the_uncached_run(tmp_path):
     plain = _sample(model, steps=steps).latent
     recorder = StepCache(Calibrate(), steps)
     assert torch.equal(_sample(model, recorder, steps).latent, plain)
-    path = recorder.calibration("tiny", shift=5.0).save(tmp_path)
+    path = recorder.calibration("tiny", {"shift": 5.0}).save(tmp_path)
     cal = load_calibration(path)
     assert cal.steps == steps and len(cal.mag_ratios) == 2 * steps and set(cal.teacache) == {"e", "e0"}
     job = JobInfo(model.config, steps)
