@@ -336,7 +336,8 @@ class TeaCache(Policy):
     @classmethod
     def published(cls, preset: str, mode: str = "auto", threshold: float = AUTO) -> TeaCache:
         if preset not in TEACACHE_COEFFICIENTS:
-            raise ValueError(f"no published TeaCache coefficients {preset!r}; known: {', '.join(TEACACHE_COEFFICIENTS)}")
+            raise ValueError(f"no published TeaCache coefficients {preset!r}; "
+                             f"known: {', '.join(TEACACHE_COEFFICIENTS)}")
         mode = TEACACHE_DEFAULT_MODE.get(preset, "e0") if mode == "auto" else mode
         threshold = TEACACHE_THRESHOLDS[preset][mode] if threshold < 0 else threshold
         return cls(TEACACHE_COEFFICIENTS[preset][mode], threshold, mode, preset)
@@ -589,14 +590,15 @@ class StepCache:
         reusable = all(e is not None and st.residual is not None and st.residual.shape[1:] == x.shape[1:]
                        for e, st in zip(estimates, sts))
         if reusable:
-            for st in sts:
+            for st in sts:  # a state carried from the previous pass arrives on the CPU
                 st.residual = self._place(st.residual, x)
+            adds = [st.residual.to(x.device) for st in sts]  # a copy when they live off the device
             if rows == 1:
-                state.x = x + sts[0].residual
+                state.x = x + adds[0]
             else:
-                out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, sts[0].residual.dtype), device=x.device)
-                for i, st in enumerate(sts):
-                    torch.add(x[i:i + 1], st.residual, out=out[i:i + 1])
+                out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, adds[0].dtype), device=x.device)
+                for i, add in enumerate(adds):
+                    torch.add(x[i:i + 1], add, out=out[i:i + 1])
                 state.x = out
             self._calls.extend((call.step, b, call.window, False, e) for b, e in zip(call.branches, estimates))
             return state
@@ -761,13 +763,15 @@ class StepCache:
 
 def fit_teacache(x: Sequence[float], y: Sequence[float], degree: int = 4) -> tuple[float, ...]:
     """Polynomial (highest power first, numpy's convention) mapping the modulated input's
-    relative change to the block output's; degree 4 as published, lower with few points."""
+    relative change to the block output's; degree 4 as published, lower with fewer than 5
+    distinct points."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    if len(x) < 2:
-        raise ValueError(f"a TeaCache fit needs at least 2 steps with a previous step, got {len(x)}")
-    return tuple(float(c) for c in np.polyfit(x, y, min(degree, len(x) - 1)))
+    distinct = len(np.unique(x))  # cond and uncond share e: each step's x comes twice
+    if distinct < 2:
+        raise ValueError(f"a TeaCache fit needs at least 2 distinct steps with a previous step, got {distinct}")
+    return tuple(float(c) for c in np.polyfit(x, y, min(degree, distinct - 1)))
 
 
 @dataclass

@@ -362,7 +362,7 @@ def test_calibration_then_threshold_zero_reproduces_the_uncached_run(tmp_path):
 def test_calibration_recovers_the_ratios_that_made_a_synthetic_run():
     steps = 9
     gen = torch.Generator().manual_seed(4)
-    gains = {"cond": 0.8 + 0.4 * torch.rand(steps, generator=gen), "uncond": 0.8 + 0.4 * torch.rand(steps, generator=gen)}
+    gains = {b: 0.8 + 0.4 * torch.rand(steps, generator=gen) for b in ("cond", "uncond")}
     base = torch.rand(1, 5, DIM, generator=gen) + 0.1
 
     def blocks(state, call):  # residual of step t = base * prod(gains[1..t])
@@ -486,3 +486,35 @@ def test_the_job_line_says_what_happened():
     assert "accumulated error estimate" in line and "residuals held on the compute device" in line
     report = cache.report()
     assert report["error_estimate"] == pytest.approx(4 * (0.01 + 0.04))
+
+
+def test_telemetry_carries_the_report():
+    from wanfit.optim.telemetry import Telemetry
+
+    cache = StepCache(_mag(0.99, 0.96), 10)
+    _drive(cache, range(10), lambda s: torch.ones(1, 4, DIM), _plus({"cond": 1.0, "uncond": 100.0}),
+           branches=("cond", "uncond"))
+    with Telemetry("cpu") as tel:
+        tel.skip_step()  # the plain counter, replaced by the cache's report
+        tel.record_step_cache(cache.report())
+    s = tel.summary()
+    assert (s["steps_skipped"], s["steps_computed"]) == (4, 6)
+    assert s["step_cache"]["skipped_steps"] == [2, 4, 6, 8]
+    assert "MagCache (threshold 0.05, K 2, retention 0.2, ratios custom): 6 steps computed, 4 skipped" in tel.format()
+
+
+def test_residuals_stored_off_the_compute_device_come_back_for_the_add(monkeypatch):
+    """The real (deciding) path with residuals on another device than the tokens: MagCache
+    decides from its ratios alone, so it runs on fake tensors with "meta" as the storage."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from wanfit.optim import step_cache
+
+    monkeypatch.setattr(step_cache, "_traced", lambda x: False)
+    cache = StepCache(_mag(1.0, 1.0, steps=6, threshold=1.0, skip_limit=100), 6, storage="meta")
+    with FakeTensorMode():
+        outs = _drive(cache, range(6), lambda s: torch.zeros(1, 4, DIM), _plus({"cond": 1.0, "uncond": 2.0}),
+                      branches=("cond", "uncond"))
+        assert {o.device.type for o in outs} == {"cpu"}
+    assert _skipped(cache) == [1, 2, 3, 4, 5]
+    assert {st.residual.device.type for st in cache._states.values()} == {"meta"}
