@@ -153,3 +153,16 @@ def latent_previewer():
         return ("JPEG", image, PREVIEW_MAX_RESOLUTION)
 
     return preview
+
+
+def user_directory() -> str:
+    """ComfyUI's user directory (``--user-directory``; ``ComfyUI/user`` by default).
+    ``get_user_directory`` is current ComfyUI's; the 2024 one only has the module variable,
+    and one older still has neither (then the folder beside ``output``)."""
+    fp = _folder_paths()
+    getter = getattr(fp, "get_user_directory", None)
+    if getter is not None:
+        return getter()
+    if getattr(fp, "user_directory", None):
+        return fp.user_directory
+    return os.path.join(os.path.dirname(fp.get_output_directory()), "user")

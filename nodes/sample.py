@@ -12,6 +12,7 @@ from ..optim.telemetry import Telemetry
 from ..wan.denoise import Conditioning, make_denoiser
 from ..wan.sampling import sample, seeded_noise
 from ..wan.schedulers import SCHEDULES, SOLVERS, boundary_step, schedule_sigmas
+from . import cache as step_caches
 from . import comfy
 from .load import ModelHandle
 from .memory import JobPlan, plan_job
@@ -100,9 +101,10 @@ class _Progress:
 
 def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent: torch.Tensor,
              sigmas: torch.Tensor, solver: str, cfg: float, start: int, end: int, noise, add_noise: bool,
-             leftover: bool, state, callback, tel: Telemetry):
+             leftover: bool, state, callback, tel: Telemetry, cache: step_caches.JobCache | None = None):
     """One pass with ``handle``'s model, planned before any weight is read; memory is released
-    if it fails, runs out of memory or is cancelled. Returns the result and the plan."""
+    if it fails, runs out of memory or is cancelled. ``cache`` (a step cache) wraps the block
+    stack. Returns the result and the plan."""
     check_pairing(handle, embeds)
     job = plan_job(handle, embeds, cfg, comfy.compute_device(), handle.memory)
     log.info("WanFit plan: %s", job.text)
@@ -113,8 +115,9 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
             tel.watch(prepared.swapper)
         positive, negative = _conditioning(handle, text, embeds, loading.DTYPES[handle.compute_dtype])
         first = embeds.first_latent
+        run_blocks = prepared.run_blocks if cache is None else cache.wrap(prepared.run_blocks, str(handle.key))
         denoise = make_denoiser(prepared.model, positive, negative, cfg, batch_cfg=job.batch_cfg,
-                                run_blocks=prepared.run_blocks, first_latent=first)
+                                run_blocks=run_blocks, first_latent=first)
         def on_step(*args) -> None:
             tel.on_step(*args)
             callback(*args)
@@ -155,12 +158,14 @@ def _initial(handle: ModelHandle, embeds: ImageEmbeds, latent: dict | None, sche
     return x, state
 
 
-def _output(x: torch.Tensor, state, schedule: dict, jobs: list[JobPlan], tel: Telemetry) -> tuple[dict]:
-    """The LATENT, carrying the solver memory, the plans and the job's telemetry."""
+def _output(x: torch.Tensor, state, schedule: dict, jobs: list[JobPlan], tel: Telemetry,
+            extra: dict | None = None) -> tuple[dict]:
+    """The LATENT, carrying the solver memory, the plans, the job's telemetry and ``extra``
+    (a step cache's state for the next pass)."""
     log.info("WanFit sampling: %s", tel.format())
     plans = [job.plan.to_dict() if job.plan is not None else {"note": job.text} for job in jobs]
     return ({"samples": to_comfy_latent(x), SOLVER_STATE_KEY: {k: v.cpu() for k, v in state.items()},
-             SCHEDULE_KEY: schedule, PLAN_KEY: plans, TELEMETRY_KEY: tel.summary()},)
+             SCHEDULE_KEY: schedule, PLAN_KEY: plans, TELEMETRY_KEY: tel.summary(), **(extra or {})},)
 
 
 _COMMON = {
@@ -195,22 +200,26 @@ class WanFitSampler:
             "end_step": ("INT", {"default": MAX_STEPS, "min": 0, "max": MAX_STEPS}),
             "add_noise": ("BOOLEAN", {"default": True}),
             "return_with_leftover_noise": ("BOOLEAN", {"default": False}),
-        }, "optional": {"latent": ("LATENT",)}}
+        }, "optional": {"latent": ("LATENT",), "step_cache": ("WANFIT_STEP_CACHE",)}}
 
     def run(self, model: ModelHandle, text_embeds: TextEmbeds, image_embeds: ImageEmbeds, steps: int, cfg: float,
             shift: float, seed: int, scheduler: str, start_step: int, end_step: int, add_noise: bool,
-            return_with_leftover_noise: bool, latent: dict | None = None, schedule: str = "wan"):
+            return_with_leftover_noise: bool, latent: dict | None = None, schedule: str = "wan",
+            step_cache=None):
         end = min(end_step, steps)
         sigmas = schedule_sigmas(schedule, steps, shift)
         info = dict(steps=steps, shift=shift, scheduler=scheduler, schedule=schedule, start_step=start_step,
                     end_step=end)
         x, state = _initial(model, image_embeds, latent, info)
         noise = seeded_noise(seed, x.shape) if add_noise else None
+        cache = step_caches.start(step_cache, [model], image_embeds, info, sigmas, latent,
+                                  leftover=return_with_leftover_noise)
         with Telemetry(comfy.compute_device()) as tel:
             result, job = run_pass(model, text_embeds, image_embeds, x, sigmas, scheduler, cfg, start_step, end,
                                    noise, add_noise, return_with_leftover_noise, state,
-                                   _Progress(max(end - start_step, 1), start_step), tel)
-        return _output(result.latent, result.solver_state, info, [job], tel)
+                                   _Progress(max(end - start_step, 1), start_step), tel, cache)
+            extra = step_caches.finish(cache, tel, result.latent, info, return_with_leftover_noise, [model], cfg)
+        return _output(result.latent, result.solver_state, info, [job], tel, extra)
 
 
 class WanFitTwoPassSampler:
@@ -236,11 +245,12 @@ class WanFitTwoPassSampler:
             "switch_at": (["step", "boundary"], {"default": "step"}),
             "switch_step": ("INT", {"default": 10, "min": 0, "max": MAX_STEPS}),
             "boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-        }}
+        }, "optional": {"step_cache": ("WANFIT_STEP_CACHE",)}}
 
     def run(self, high_noise_model: ModelHandle, low_noise_model: ModelHandle, text_embeds: TextEmbeds,
             image_embeds: ImageEmbeds, steps: int, cfg_high: float, cfg_low: float, shift: float, seed: int,
-            scheduler: str, switch_at: str, switch_step: int, boundary: float, schedule: str = "wan"):
+            scheduler: str, switch_at: str, switch_step: int, boundary: float, schedule: str = "wan",
+            step_cache=None):
         check_pairing(high_noise_model, image_embeds)
         check_pairing(low_noise_model, image_embeds)
         sigmas = schedule_sigmas(schedule, steps, shift)
@@ -253,14 +263,17 @@ class WanFitTwoPassSampler:
         noise = seeded_noise(seed, x.shape)
         progress = _Progress(steps, 0)
         add_noise = k == 0  # nothing ran yet: the low expert starts from noise
+        info = dict(steps=steps, shift=shift, scheduler=scheduler, schedule=schedule, start_step=0, end_step=steps)
+        models = [high_noise_model, low_noise_model]
+        cache = step_caches.start(step_cache, models, image_embeds, info, sigmas, split=k)
         with Telemetry(comfy.compute_device()) as tel:
             a, job_a = run_pass(high_noise_model, text_embeds, image_embeds, x, sigmas, scheduler, cfg_high, 0, k,
-                                noise, True, True, None, progress, tel)
+                                noise, True, True, None, progress, tel, cache)
             b, job_b = run_pass(low_noise_model, text_embeds, image_embeds, a.latent, sigmas, scheduler, cfg_low,
                                 k, steps, noise if add_noise else None, add_noise, False, a.solver_state, progress,
-                                tel)
-        info = dict(steps=steps, shift=shift, scheduler=scheduler, schedule=schedule, start_step=0, end_step=steps)
-        return _output(b.latent, b.solver_state, info, [job_a, job_b], tel)
+                                tel, cache)
+            extra = step_caches.finish(cache, tel, b.latent, info, False, models, cfg_low)
+        return _output(b.latent, b.solver_state, info, [job_a, job_b], tel, extra)
 
 
 NODES = {cls.__name__: cls for cls in (WanFitSampler, WanFitTwoPassSampler)}

@@ -68,6 +68,26 @@ TOOLTIPS = {
     "anchor_start_image": "Image-to-video: every window's first frame gets the start image's conditioning, "
                           "so the subject stays the same in windows far from the start.",
     "context_windows": "Optional WanFit Context Windows settings: sample long videos window by window.",
+    "step_cache": "Optional step skipping (WanFit TeaCache / MagCache / EasyCache), or WanFit Cache Calibrate to "
+                  "record a calibration; connect the same cache to both chained Samplers of a two-pass job.",
+    "threshold": "How much estimated change a skipped step may accumulate; -1 = the published recommendation for "
+                 "the model, 0 = never skip; higher skips more and drifts further from the uncached video.",
+    "mode": "TeaCache input: e (time embedding; computes the first and last step) or e0 (its projection, the "
+            "authors' use_ret_steps; computes the first 5); auto = the published choice for the model.",
+    "coefficients": "TeaCache polynomial: auto = the published set for the model (Wan 2.1 only), a published set, "
+                    "or a saved calibration.",
+    "ratios": "MagCache magnitude ratios: auto = the published set for the model (resampled to the step count), "
+              "a published set, or a saved calibration.",
+    "K": "MagCache: most steps skipped in a row; -1 = the published setting for the model.",
+    "retention_ratio": "MagCache: share of the first steps that always compute (for Wan 2.2 A14B, also of the "
+                       "low-noise expert's first steps); -1 = the published setting.",
+    "warmup_steps": "EasyCache: first steps that always compute; -1 = the published 10 of 50, scaled to the "
+                    "step count.",
+    "residual_device": "Where the stored residuals live: compute (the GPU the model runs on; fastest) or cpu "
+                       "(saves VRAM: one float32 copy of the tokens per branch; costs a copy each step).",
+    "allow_short_schedules": "With 8 or fewer steps (distilled / LoRA schedules) nothing is skipped unless this is "
+                             "on: the caches lose too much quality there.",
+    "name": "Calibration name: saved as user/wanfit/step_cache/NAME.json and listed on the cache nodes.",
 }
 
 

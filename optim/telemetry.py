@@ -1,5 +1,6 @@
 """Telemetry for one job: peak VRAM, peak host RAM, seconds per step, bytes swapped, steps
-skipped and the time each stage took, as a JSON-ready dict and as one log paragraph.
+computed and skipped by a step cache, and the time each stage took, as a JSON-ready dict and
+as one log paragraph.
 
     with Telemetry() as tel:
         with tel.stage("load"):
@@ -56,6 +57,7 @@ class Telemetry:
         self._stages: dict[str, float] = {}
         self._steps: list[float] = []
         self._skipped = 0
+        self._step_cache: dict | None = None
         self._swaps: list[tuple[SwapSource, int, float]] = []  # source, h2d bytes and wait at watch()
         self._t0 = self._mark = self._t1 = None
         # A recorder dropped without stop() must not leave its thread polling forever.
@@ -126,6 +128,12 @@ class Telemetry:
         with self._lock:
             self._skipped += n
 
+    def record_step_cache(self, report: dict[str, Any]) -> None:
+        """Take a step cache's job report (``optim.step_cache.StepCache.report``): its steps
+        computed and skipped replace the ``skip_step`` count, and the report rides along."""
+        with self._lock:
+            self._step_cache = dict(report)
+
     def watch(self, source: SwapSource) -> None:
         """Report what ``source`` (a BlockSwapper) moves from now on: bytes copied host to
         device and seconds compute waited for them. Several sources (two experts) add up."""
@@ -149,7 +157,9 @@ class Telemetry:
                 "steps": len(steps),
                 "step_s": steps,
                 "mean_step_s": sum(steps) / len(steps) if steps else None,
-                "steps_skipped": self._skipped,
+                "steps_skipped": self._skipped if self._step_cache is None else self._step_cache["steps_skipped"],
+                "steps_computed": None if self._step_cache is None else self._step_cache["steps_computed"],
+                "step_cache": self._step_cache,
                 "vram_peak_allocated": vram[0],
                 "vram_peak_reserved": vram[1],
                 "host_rss_peak": s.peak_rss,
@@ -173,6 +183,9 @@ class Telemetry:
                          f"{_gb(s['vram_peak_reserved'])} reserved")
         if s["host_rss_peak"] is not None:
             parts.append(f"host RAM peak {_gb(s['host_rss_peak'])} (anonymous {_gb(s['host_rss_anon_peak'])})")
+        if s["step_cache"] is not None:
+            c = s["step_cache"]
+            parts.append(f"{c['settings']}: {c['steps_computed']} steps computed, {c['steps_skipped']} skipped")
         if self._swaps:
             parts.append(f"block swap moved {_gb(s['h2d_bytes'])} to the device, compute waited "
                          f"{s['transfer_wait_s']:.1f} s")
