@@ -15,7 +15,9 @@ import torch
 
 from ..optim import fp8, gguf, lora, planner
 from ..optim.engine import SwapSettings
+from ..optim.step_cache import StepCache
 from ..wan.attention import available_backends
+from ..wan.denoise import DiTCall
 from . import comfy, stages
 from .load import ModelHandle
 from .types import ImageEmbeds
@@ -88,26 +90,61 @@ def as_loaded(handle: ModelHandle, unmerged: list[lora.AppliedLora]) -> planner.
     return planner.AsLoaded(key, label, handle.config.num_layers, build)
 
 
+def cache_hook(cache, handle: ModelHandle, windows: int = 1) -> planner.BlocksHook | None:
+    """A step cache as the planner traces it: its wrapper around the block stack (keeping the
+    stack's input, storing the residual) and what it holds for the calls a trace does not
+    make: the other branch when CFG runs one branch at a time, the other context windows."""
+    if cache is None or not cache.cache.policy.skips:
+        return None
+    policy, storage, steps = cache.cache.policy, cache.cache.storage, cache.cache.steps
+    on_device = storage is None or storage.type != "cpu"
+    dtype, dim = planner.DTYPES[handle.compute_dtype], handle.config.dim
+
+    def wrap(run, batch):
+        traced = StepCache(policy, steps)  # a fresh cache: under a trace it computes and stores, never skips
+        run_cached = traced.wrap(lambda state, call: run(state))
+        branches = ("cond", "uncond") if batch == 2 else ("cond",)
+        return lambda state: run_cached(state, DiTCall(0, 1.0, branches))
+
+    def held(batch, tokens):
+        if not on_device:
+            return 0
+        every = StepCache.held_bytes_for(policy, ("cond", "uncond"), tokens, dim, dtype, windows)
+        traced = StepCache.held_bytes_for(policy, ("cond", "uncond") if batch == 2 else ("cond",), tokens, dim, dtype)
+        return every - traced
+
+    where = "on the GPU" if on_device else "on the CPU"
+    return planner.BlocksHook((type(policy).__name__, on_device, windows), f"{type(policy).__name__} (residuals "
+                              f"{where})", wrap, held)
+
+
 def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch.device,
-             settings: MemorySettings | None = None) -> JobPlan:
+             settings: MemorySettings | None = None, cache=None, windows=None) -> JobPlan:
     """Plan one pass before loading; raises planner.PlanError (naming the smallest budget that
-    works) when the job cannot fit."""
+    works) when the job cannot fit. ``cache``: the pass's step cache (nodes/cache.JobCache);
+    ``windows``: its context windows (optim/context.ContextWindows)."""
     s = settings or MemorySettings()
     if device.type != "cuda" and s.budget_gb <= 0:
         text = (f"{handle.describe()}: running on {device.type}, the DiT stays in host memory; "
                 "no VRAM budget to plan (give one on the WanFit Memory node to preview a card's plan).")
         return JobPlan(None, SwapSettings(0, s.prefetch, s.pin_memory, s.offload_embeddings), True, text)
     attention = handle.attention if handle.attention != "auto" else available_backends()[0]
+    frames = embeds.latent_frames
+    active = windows is not None and windows.active(frames)
+    count = len(windows.index_lists(frames)) if active else 1
     plan = planner.plan_memory(
         handle.config, frames=embeds.frames, width=embeds.width, height=embeds.height,
         budget=int(s.budget_gb * GIB) if s.budget_gb > 0 else "auto", reserve=int(s.reserve_gb * GIB),
         weights=storage_format(handle), compute_dtype=planner.DTYPES[handle.compute_dtype],
         guidance=cfg != 1.0, attention=attention, device_type="cuda",
         fp8_matmul=device.type == "cuda" and fp8.scaled_mm_supported(device), prefetch=s.prefetch,
-        loaded=as_loaded(handle, stages.held_unmerged_loras(handle)))
+        loaded=as_loaded(handle, stages.held_unmerged_loras(handle)), hook=cache_hook(cache, handle, count),
+        context_frames=windows.pixel_length if active else None, windows=count)
     swapped = plan.swapped if s.blocks_to_swap < 0 else min(s.blocks_to_swap, handle.config.num_layers)
     swap = SwapSettings(swapped if device.type == "cuda" else 0, plan.prefetch, s.pin_memory, s.offload_embeddings)
     text = plan.explain()
+    if active:
+        text += f" Context windows: {windows.describe(frames)}."
     if swapped != plan.swapped:
         text += f" blocks_to_swap is set to {swapped} on the Memory node (the plan chose {plan.swapped})."
     return JobPlan(plan, swap, plan.batch == 2, text)

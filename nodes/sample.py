@@ -8,6 +8,7 @@ import logging
 import torch
 
 from ..optim import loading
+from ..optim.context import UNIFORM, ContextWindows
 from ..optim.telemetry import Telemetry
 from ..wan.denoise import Conditioning, make_denoiser
 from ..wan.sampling import sample, seeded_noise
@@ -101,12 +102,14 @@ class _Progress:
 
 def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent: torch.Tensor,
              sigmas: torch.Tensor, solver: str, cfg: float, start: int, end: int, noise, add_noise: bool,
-             leftover: bool, state, callback, tel: Telemetry, cache: step_caches.JobCache | None = None):
+             leftover: bool, state, callback, tel: Telemetry, cache: step_caches.JobCache | None = None,
+             windows: ContextWindows | None = None):
     """One pass with ``handle``'s model, planned before any weight is read; memory is released
     if it fails, runs out of memory or is cancelled. ``cache`` (a step cache) wraps the block
-    stack. Returns the result and the plan."""
+    stack; ``windows`` runs the DiT window by window. Returns the result and the plan."""
     check_pairing(handle, embeds)
-    job = plan_job(handle, embeds, cfg, comfy.compute_device(), handle.memory)
+    check_windows(windows, cache, latent.shape[2], range(start, min(end, len(sigmas) - 1)))
+    job = plan_job(handle, embeds, cfg, comfy.compute_device(), handle.memory, cache, windows)
     log.info("WanFit plan: %s", job.text)
     try:
         with tel.stage("load"):
@@ -117,7 +120,7 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
         first = embeds.first_latent
         run_blocks = prepared.run_blocks if cache is None else cache.wrap(prepared.run_blocks, str(handle.key))
         denoise = make_denoiser(prepared.model, positive, negative, cfg, batch_cfg=job.batch_cfg,
-                                run_blocks=run_blocks, first_latent=first)
+                                run_blocks=_cancellable(run_blocks), first_latent=first, windows=windows)
         def on_step(*args) -> None:
             tel.on_step(*args)
             callback(*args)
@@ -137,6 +140,26 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
     except BaseException:
         release_model()
         raise
+
+
+def _cancellable(run_blocks):
+    """Cancel is honoured before every DiT call (each CFG branch, each context window), not
+    only between steps."""
+    def run(state, call):
+        comfy.throw_if_interrupted()
+        return run_blocks(state, call)
+    return run
+
+
+def check_windows(windows: ContextWindows | None, cache, frames: int, steps) -> None:
+    """Context windows that break on this video, or that move every step under a step cache
+    (its state is kept per window index), are refused before any weight is read."""
+    if windows is None:
+        return
+    windows.check(frames, steps)
+    if cache is not None and windows.active(frames) and windows.schedule in UNIFORM and cache.cache.policy.skips:
+        raise ValueError(f"a step cache keeps one state per context window, but {windows.schedule} windows cover "
+                         "other frames every step; use the standard_static or batched schedule with a step cache")
 
 
 def _initial(handle: ModelHandle, embeds: ImageEmbeds, latent: dict | None, schedule: dict):
@@ -200,24 +223,27 @@ class WanFitSampler:
             "end_step": ("INT", {"default": MAX_STEPS, "min": 0, "max": MAX_STEPS}),
             "add_noise": ("BOOLEAN", {"default": True}),
             "return_with_leftover_noise": ("BOOLEAN", {"default": False}),
-        }, "optional": {"latent": ("LATENT",), "step_cache": ("WANFIT_STEP_CACHE",)}}
+        }, "optional": {"latent": ("LATENT",), "step_cache": ("WANFIT_STEP_CACHE",),
+                        "context_windows": ("WANFIT_CONTEXT_WINDOWS",)}}
 
     def run(self, model: ModelHandle, text_embeds: TextEmbeds, image_embeds: ImageEmbeds, steps: int, cfg: float,
             shift: float, seed: int, scheduler: str, start_step: int, end_step: int, add_noise: bool,
             return_with_leftover_noise: bool, latent: dict | None = None, schedule: str = "wan",
-            step_cache=None):
+            step_cache=None, context_windows: ContextWindows | None = None):
         end = min(end_step, steps)
         sigmas = schedule_sigmas(schedule, steps, shift)
         info = dict(steps=steps, shift=shift, scheduler=scheduler, schedule=schedule, start_step=start_step,
                     end_step=end)
         x, state = _initial(model, image_embeds, latent, info)
         noise = seeded_noise(seed, x.shape) if add_noise else None
+        if noise is not None and context_windows is not None:
+            noise = context_windows.noise(noise, seed)  # FreeNoise, when on
         cache = step_caches.start(step_cache, [model], image_embeds, info, sigmas, latent,
                                   leftover=return_with_leftover_noise)
         with Telemetry(comfy.compute_device()) as tel:
             result, job = run_pass(model, text_embeds, image_embeds, x, sigmas, scheduler, cfg, start_step, end,
                                    noise, add_noise, return_with_leftover_noise, state,
-                                   _Progress(max(end - start_step, 1), start_step), tel, cache)
+                                   _Progress(max(end - start_step, 1), start_step), tel, cache, context_windows)
             extra = step_caches.finish(cache, tel, result.latent, info, return_with_leftover_noise, [model], cfg)
         return _output(result.latent, result.solver_state, info, [job], tel, extra)
 
@@ -245,12 +271,12 @@ class WanFitTwoPassSampler:
             "switch_at": (["step", "boundary"], {"default": "step"}),
             "switch_step": ("INT", {"default": 10, "min": 0, "max": MAX_STEPS}),
             "boundary": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-        }, "optional": {"step_cache": ("WANFIT_STEP_CACHE",)}}
+        }, "optional": {"step_cache": ("WANFIT_STEP_CACHE",), "context_windows": ("WANFIT_CONTEXT_WINDOWS",)}}
 
     def run(self, high_noise_model: ModelHandle, low_noise_model: ModelHandle, text_embeds: TextEmbeds,
             image_embeds: ImageEmbeds, steps: int, cfg_high: float, cfg_low: float, shift: float, seed: int,
             scheduler: str, switch_at: str, switch_step: int, boundary: float, schedule: str = "wan",
-            step_cache=None):
+            step_cache=None, context_windows: ContextWindows | None = None):
         check_pairing(high_noise_model, image_embeds)
         check_pairing(low_noise_model, image_embeds)
         sigmas = schedule_sigmas(schedule, steps, shift)
@@ -261,6 +287,8 @@ class WanFitTwoPassSampler:
             k = min(switch_step, steps)
         x = torch.zeros(latent_shape(high_noise_model, image_embeds))
         noise = seeded_noise(seed, x.shape)
+        if context_windows is not None:
+            noise = context_windows.noise(noise, seed)  # FreeNoise, when on: once, for both passes
         progress = _Progress(steps, 0)
         add_noise = k == 0  # nothing ran yet: the low expert starts from noise
         info = dict(steps=steps, shift=shift, scheduler=scheduler, schedule=schedule, start_step=0, end_step=steps)
@@ -268,10 +296,10 @@ class WanFitTwoPassSampler:
         cache = step_caches.start(step_cache, models, image_embeds, info, sigmas, split=k)
         with Telemetry(comfy.compute_device()) as tel:
             a, job_a = run_pass(high_noise_model, text_embeds, image_embeds, x, sigmas, scheduler, cfg_high, 0, k,
-                                noise, True, True, None, progress, tel, cache)
+                                noise, True, True, None, progress, tel, cache, context_windows)
             b, job_b = run_pass(low_noise_model, text_embeds, image_embeds, a.latent, sigmas, scheduler, cfg_low,
                                 k, steps, noise if add_noise else None, add_noise, False, a.solver_state, progress,
-                                tel, cache)
+                                tel, cache, context_windows)
             extra = step_caches.finish(cache, tel, b.latent, info, False, models, cfg_low)
         return _output(b.latent, b.solver_state, info, [job_a, job_b], tel, extra)
 

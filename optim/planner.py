@@ -170,6 +170,20 @@ class AsLoaded:
     build: Callable[[], WanModel] = field(compare=False, hash=False, repr=False)
 
 
+@dataclass(frozen=True)
+class BlocksHook:
+    """Code that runs around the block stack (a step cache): ``wrap(run_blocks, batch)`` returns
+    the ``state -> state`` a sampling call runs for a batch of ``batch`` rows, traced as is;
+    ``held(batch, tokens)`` is what it keeps on the device for the calls the trace does not
+    make (the other CFG branch run apart, other context windows). ``key`` for the caches."""
+
+    key: Hashable
+    label: str
+    wrap: Callable[[Callable[[WanState], WanState], int], Callable[[WanState], WanState]] = field(
+        compare=False, hash=False, repr=False)
+    held: Callable[[int, int], int] = field(compare=False, hash=False, repr=False, default=lambda batch, tokens: 0)
+
+
 @functools.lru_cache(maxsize=32)
 def loaded_weights(loaded: AsLoaded, compute_dtype: torch.dtype) -> DitWeights:
     """Exact weight bytes of a model ``loaded.build()`` makes: each block packed as
@@ -366,7 +380,7 @@ def _for_tracing(model: WanModel, scaled_mm: bool) -> WanModel:
 def dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int = 1,
                     compute_dtype: torch.dtype = torch.bfloat16, weights: str = "bf16",
                     attention: str = "sdpa", device_type: str = "cuda", fp8_matmul: bool = True,
-                    loaded: AsLoaded | None = None) -> Activations:
+                    loaded: AsLoaded | None = None, hook: BlocksHook | None = None) -> Activations:
     """Activation bytes of one ``WanModel.forward`` over a token ``grid`` (F, H, W after patching).
 
     The model's own forward runs on meta tensors (no memory, no compute) under
@@ -377,18 +391,19 @@ def dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int = 
     CPU they are already there. Inputs (latent, conditioning, text) and weights are not
     counted. ``device_type="cpu"`` adds the CPU kernels' measured scratch. ``loaded``: trace
     that model instead (its first two blocks), e.g. GGUF layers dequantising per call or
-    unmerged LoRA matmuls; ``weights`` is then not read.
+    unmerged LoRA matmuls; ``weights`` is then not read. ``hook``: the block stack runs
+    through it (a step cache keeping the stack's input and storing the residual).
     """
     # A CPU's measured kernel scratch depends on its thread count, so that is part of the key.
     threads = torch.get_num_threads() if device_type == "cpu" else 0
     return _dit_activations(config, tuple(grid), batch, compute_dtype, weights if loaded is None else "",
-                            attention, device_type, fp8_matmul, threads, loaded)
+                            attention, device_type, fp8_matmul, threads, loaded, hook)
 
 
 @functools.lru_cache(maxsize=256)
 def _dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int, compute_dtype: torch.dtype | None,
                      weights: str, attention: str, device_type: str, fp8_matmul: bool, threads: int,
-                     loaded: AsLoaded | None) -> Activations:
+                     loaded: AsLoaded | None, hook: BlocksHook | None) -> Activations:
     if not (config.qk_norm and config.cross_attn_norm):
         raise ValueError("the activation model covers the released Wan configs (qk_norm, cross_attn_norm)")
     if loaded is None:
@@ -400,6 +415,8 @@ def _dit_activations(config: WanConfig, grid: tuple[int, int, int], batch: int, 
     kernel = attention_kernel(attention, device_type, dtype, config.head_dim)
     # On a GPU the host inputs arrive by a copy (counted); on a CPU they are already there.
     inputs = dit_inputs(config, tuple(grid), batch, dtype, "meta", "meta" if device_type == "cpu" else "cpu")
+    if hook is not None:
+        inputs["run_blocks"] = hook.wrap(model.run_blocks, batch)
     with torch.no_grad(), _Kernel(kernel):
         phases = trace_forward(model, inputs, _kernel_terms(kernel, device_type), record=True)
     peak = max(phases.values(), key=lambda p: p.peak)
@@ -472,6 +489,8 @@ class MemoryPlan:
     peak_vram: int
     peak_host: int
     warnings: tuple[str, ...] = ()
+    windows: int = 1  # context windows per step: DiT calls per step are passes x windows
+    hook: str | None = None  # what runs around the block stack (a step cache), counted in the trace
 
     @property
     def resident_bytes(self) -> int:
@@ -492,7 +511,8 @@ class MemoryPlan:
         text = [f"{self.model}: {self.frames} frames at {self.width}×{self.height} → latent {f}×{h}×{w} = "
                 f"{self.tokens:,} tokens"]
         if self.window_tokens != self.tokens:
-            text[-1] += f", {self.window_tokens:,} per {self.context_frames}-frame context window"
+            text[-1] += (f", {self.window_tokens:,} per {self.context_frames}-frame context window"
+                         f" ({self.windows} a step)")
         cfg = {(2, 1): "cond and uncond batched (2 ×)", (1, 2): "cond and uncond one after the other",
                (1, 1): "no CFG pass"}[(self.batch, self.passes)]
         text[-1] += f" ({cfg})."
@@ -501,13 +521,15 @@ class MemoryPlan:
         kernel = {"flash": "flash attention, O(L)", "sage": "SageAttention, O(L)",
                   "math": "SDPA math fallback with L×L scores"}[a.kernel]
         text.append(f"Activations peak {_gib(a.peak)} in {a.phase} ({kernel}), plus {_gib(self.margin)} headroom.")
+        if self.hook:
+            text.append(f"{self.hook} is counted in them and in what sampling holds between calls.")
         if not self.swapped:
             text.append(f"All {d.num_blocks} blocks stay resident, nothing swaps.")
         else:
             sync = " (synchronous: copies do not overlap compute)" if self.prefetch == 0 else ""
             text.append(f"{self.resident} blocks stay resident and {self.swapped} swap through {self.slots} "
                         f"slot{'s' if self.slots > 1 else ''} with prefetch {self.prefetch}{sync}: "
-                        f"{_gib(self.pinned_bytes * self.passes)} over the bus per step, "
+                        f"{_gib(self.pinned_bytes * self.passes * self.windows)} over the bus per step, "
                         f"{_gib(self.pinned_bytes)} pinned on the host.")
         text.append(f"Budget {_gib(self.budget)}: sampling peaks at {_gib(self.sampling_vram)}, "
                     f"{_gib(self.budget - self.sampling_vram)} to spare.")
@@ -539,7 +561,7 @@ class MemoryPlan:
             "encoders": [dataclasses.asdict(e) for e in self.encoders],
             "budget": self.budget, "reserve": self.reserve, "host_ram": self.host_ram,
             "sampling_vram": self.sampling_vram, "peak_vram": self.peak_vram, "peak_host": self.peak_host,
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings), "windows": self.windows, "hook": self.hook,
         }
 
 
@@ -606,7 +628,8 @@ def plan_memory(config: WanConfig | str, *, frames: int, width: int, height: int
                 context_frames: int | None = None, experts: int | None = None, prefetch: int | None = None,
                 reserve: int = DEFAULT_RESERVE, total: int | None = None, host_ram: int | None = None,
                 t5_weights: str = "bf16", vae_dtype: torch.dtype = torch.bfloat16,
-                margin: float = ACTIVATION_MARGIN, loaded: AsLoaded | None = None) -> MemoryPlan:
+                margin: float = ACTIVATION_MARGIN, loaded: AsLoaded | None = None,
+                hook: BlocksHook | None = None, windows: int = 1) -> MemoryPlan:
     """Plan a job's memory before anything is loaded.
 
     ``config``: a WanConfig or a ``PRESETS`` name. ``budget``: VRAM bytes the job may use, or
@@ -622,6 +645,9 @@ def plan_memory(config: WanConfig | str, *, frames: int, width: int, height: int
     ``margin``: headroom kept on top of the activation peak, as a fraction of it.
     ``loaded``: the model as it will be loaded when that is more than a weight format (a GGUF
     file, unmerged LoRAs): its bytes and its traced forward replace those of ``weights``.
+    ``hook``: code around the block stack (a step cache), traced with the forward, plus what
+    it holds between calls. ``windows``: context windows per step (each a DiT call of
+    ``context_frames``); their fused output is one more latent.
 
     Raises PlanError naming the smallest budget that works when even one swap slot and the
     activations do not fit.
@@ -653,9 +679,11 @@ def plan_memory(config: WanConfig | str, *, frames: int, width: int, height: int
     cond_bytes = (config.in_dim - config.out_dim) * math.prod(latent) * 4
 
     def need(batch: int) -> tuple[Activations, int, int]:
-        act = dit_activations(config, grid, batch, dtype, weights, attention, device_type, fp8_matmul, loaded)
-        # latent + noise + two solver history entries + per-call input and output, conditioning
-        sampler = latent_bytes * (4 + 2 * batch) + cond_bytes * batch
+        act = dit_activations(config, grid, batch, dtype, weights, attention, device_type, fp8_matmul, loaded, hook)
+        # latent + noise + two solver history entries + per-call input and output, conditioning;
+        # with windows, the fused velocity; what a step cache holds for the calls not traced
+        sampler = latent_bytes * (4 + 2 * batch + (windows > 1)) + cond_bytes * batch
+        sampler += hook.held(batch, math.prod(grid)) if hook is not None else 0
         return act, math.ceil(act.peak * margin), sampler
 
     best = None
@@ -707,7 +735,7 @@ def plan_memory(config: WanConfig | str, *, frames: int, width: int, height: int
         activations=act, margin=extra, sampler_bytes=sampler, resident=n - swapped, swapped=swapped,
         prefetch=depth if swapped else 0, slots=slots, encoders=encoders, budget=budget, reserve=reserve_used,
         host_ram=host_ram, sampling_vram=sampling_vram, peak_vram=peak_vram, peak_host=peak_host,
-        warnings=tuple(warnings))
+        warnings=tuple(warnings), windows=windows if window < frames else 1, hook=hook.label if hook else None)
 
 
 # ----------------------------------------------------------------------------- picture
