@@ -4,7 +4,8 @@ Cases: 832x480 with fp8 weights at 61, 81 and 121 frames on a 32 GB card, bf16 a
 on 32 GB, fp8 at 81 frames on 24, 16, 12 and 8 GB cards, and 1280x720 81 frames on 32 GB;
 then TI2V-5B (the fp16 file of the bundled workflow) at 121 frames 1280x704 on 24 and 16 GB;
 then GGUF experts (Q8_0 and uniform Q4_K, as city96's files store them) at 81 frames on 16,
-12 and 8 GB, their bytes from the header such a file would have (``gguf.expected_checkpoint``).
+12 and 8 GB, their bytes from the header such a file would have (``gguf.expected_checkpoint``);
+then 161 and 241 frames in 81-frame context windows.
 A card's budget is its nominal size (N GiB) less ``--reserve`` (CUDA context, cuBLAS,
 desktop, allocator slack). CFG is left to the planner: cond and uncond batched (2x) unless
 one after the other keeps more blocks resident. Flash-class SDPA and fp8 matmul (RTX 40 /
@@ -34,6 +35,9 @@ CASES = [  # (card GiB, frames, width, height, weights, model)
     (24, 121, 1280, 704, "fp16", TI2V), (16, 121, 1280, 704, "fp16", TI2V),
     # GGUF experts (city96's files; uniform-type estimates from gguf.expected_checkpoint)
     *((card, 81, 832, 480, f"gguf:{quant}", MODEL) for quant in ("Q8_0", "Q4_K") for card in (16, 12, 8)),
+    # long videos in 81-frame context windows (30 frames of overlap, static), the 161-frame graph's
+    (32, 161, 832, 480, f"{FP8}@81", MODEL), (32, 241, 832, 480, f"{FP8}@81", MODEL),
+    (16, 161, 832, 480, f"{FP8}@81", MODEL),
 ]
 
 
@@ -45,6 +49,12 @@ def _import_planner():
     register()
     from wanfit.optim import planner
     return planner
+
+
+def _windows(frames: int):
+    from wanfit.optim.context import ContextWindows
+
+    return ContextWindows.from_pixels(frames, 30, schedule="standard_static")
 
 
 def _gguf_expert(planner, quant: str):
@@ -69,7 +79,10 @@ def main() -> None:
     gib = planner.GIB
     plans, rows = [], []
     for card, frames, width, height, weights, model in CASES:
-        loaded = None
+        loaded, context, windows = None, None, 1
+        if "@" in weights:  # context windows of that many frames
+            weights, context = weights.split("@")[0], int(weights.split("@")[1])
+            windows = len(_windows(context).index_lists(1 + (frames - 1) // 4))
         if weights.startswith("gguf:"):
             loaded = _gguf_expert(planner, weights.removeprefix("gguf:"))
             weights = "gguf"
@@ -77,7 +90,8 @@ def main() -> None:
             plan = planner.plan_memory(model, frames=frames, width=width, height=height, weights=weights,
                                        budget="auto", total=card * gib, reserve=int(args.reserve * gib),
                                        host_ram=int(args.host_ram * gib), attention=args.attention,
-                                       fp8_matmul=not args.no_fp8_matmul, t5_weights=args.t5, loaded=loaded)
+                                       fp8_matmul=not args.no_fp8_matmul, t5_weights=args.t5, loaded=loaded,
+                                       context_frames=context, windows=windows)
         except planner.PlanError as err:
             print(f"[{card} GB, {frames} frames {width}x{height}, {weights}] {err}\n")
             plans.append({"card_gib": card, "model": model, "frames": frames, "width": width, "height": height,

@@ -19,12 +19,17 @@ import build  # noqa: E402  (workflows/build.py)
 WORKFLOWS = REPO_ROOT / "workflows"
 START_IMAGE = "start.png"
 NOT_UMT5 = "umt5_xxl_but_really_a_vae.safetensors"
+GGUF_T5 = "umt5-xxl-encoder-Q8_0.gguf"  # city96's name
 
 
 @pytest.fixture(scope="session")
 def wan_models(comfy_models_dir):
     """Every factory file under its real name; request this before ``comfy_server``."""
     written = factory.write_models(comfy_models_dir)
+    written.update(factory.write_gguf_models(comfy_models_dir))
+    t5 = Path(comfy_models_dir) / "text_encoders" / GGUF_T5
+    if not t5.exists():
+        written[GGUF_T5] = factory.write_gguf_t5(t5, "Q8_0", seed=8)
     # A VAE under a text encoder's folder and name: what a user who picked the wrong file has.
     wrong = Path(comfy_models_dir) / "text_encoders" / NOT_UMT5
     if not wrong.exists():

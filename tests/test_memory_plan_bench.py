@@ -19,7 +19,12 @@ def _plans(*args: str) -> dict:
 def test_plans_for_the_issue_cases():
     plans = _plans()
     fp8 = "fp8_e4m3fn_scaled"
-    assert len(plans) == 17 and not any("error" in p for p in plans.values())
+    assert len(plans) == 20 and not any("error" in p for p in plans.values())
+    # 161 / 241 frames in 81-frame windows: the activations of one window, every block resident
+    for frames, windows in ((161, 3), (241, 5)):
+        long = plans[32, frames, 832, fp8]
+        assert (long["resident"], long["windows"], long["window_tokens"]) == (40, windows, 32760)
+        assert long["activation_peak"] == plans[32, 81, 832, fp8]["activation_peak"]
     for card in (16, 12, 8):  # GGUF experts: Q4_K moves about half an fp8 block's bytes
         fp8_plan, q8, q4 = (plans[card, 81, 832, w] for w in (fp8, "Q8_0 GGUF", "Q4_K GGUF"))
         assert q4["block_bytes"] < 0.6 * fp8_plan["block_bytes"] < q8["block_bytes"]

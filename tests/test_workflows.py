@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 NAMES = sorted(build.GRAPHS)
 FRAMES = {"wan22_i2v_a14b_61f_32gb": 61, "wan22_i2v_a14b_81f_32gb": 81, "wan22_i2v_a14b_61f_32gb_20step": 61,
           "wan22_i2v_a14b_81f_32gb_20step": 81, "wan22_t2v_a14b_81f_32gb": 81, "wan21_t2v_1.3b_low_ram": 81,
-          "wan22_ti2v_5b_121f": 121}
+          "wan22_ti2v_5b_121f": 121, "wan22_i2v_a14b_161f_32gb": 161, "wan22_i2v_a14b_81f_12gb_gguf": 81}
 LINK_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 

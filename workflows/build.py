@@ -26,6 +26,7 @@ OUTPUTS = {
     "WanFitEmptyEmbeds": [("WANFIT_IMAGE_EMBEDS", "WANFIT_IMAGE_EMBEDS")],
     "WanFitImageToVideoEncode": [("WANFIT_IMAGE_EMBEDS", "WANFIT_IMAGE_EMBEDS")],
     "WanFitSampler": [("LATENT", "LATENT")],
+    "WanFitContextWindows": [("context_windows", "WANFIT_CONTEXT_WINDOWS")],
     "WanFitTwoPassSampler": [("LATENT", "LATENT")],
     "WanFitVAEDecode": [("IMAGE", "IMAGE")],
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
@@ -37,7 +38,8 @@ INPUTS = {
     "WanFitImageToVideoEncode": [("vae", "WANFIT_VAE"), ("start_image", "IMAGE"), ("end_image", "IMAGE"),
                                  ("clip_vision", "WANFIT_CLIP_VISION")],
     "WanFitSampler": [("model", "WANFIT_MODEL"), ("text_embeds", "WANFIT_TEXT_EMBEDS"),
-                      ("image_embeds", "WANFIT_IMAGE_EMBEDS"), ("latent", "LATENT")],
+                      ("image_embeds", "WANFIT_IMAGE_EMBEDS"), ("latent", "LATENT"),
+                      ("step_cache", "WANFIT_STEP_CACHE"), ("context_windows", "WANFIT_CONTEXT_WINDOWS")],
     "WanFitTwoPassSampler": [("high_noise_model", "WANFIT_MODEL"), ("low_noise_model", "WANFIT_MODEL"),
                              ("text_embeds", "WANFIT_TEXT_EMBEDS"), ("image_embeds", "WANFIT_IMAGE_EMBEDS")],
     "WanFitVAEDecode": [("vae", "WANFIT_VAE"), ("latent", "LATENT")],
@@ -121,10 +123,12 @@ def _model(id, file, pos, weight="auto", title=None):
 
 
 def _sampler(id, model, start, end, add_noise, leftover, pos, steps=20, cfg=3.5, shift=5.0, latent=None,
-             embeds=7, title=None, scheduler="unipc", schedule="wan"):
+             embeds=7, title=None, scheduler="unipc", schedule="wan", windows=None):
     links = {"model": (model, 0), "text_embeds": (6, 0), "image_embeds": (embeds, 0)}
     if latent is not None:
         links["latent"] = (latent, 0)
+    if windows is not None:
+        links["context_windows"] = (windows, 0)
     return Node(id, "WanFitSampler", {"steps": steps, "cfg": cfg, "shift": shift, "seed": 42, "scheduler": scheduler,
                                       "schedule": schedule, "start_step": start, "end_step": end,
                                       "add_noise": add_noise, "return_with_leftover_noise": leftover},
@@ -146,14 +150,20 @@ def _tail(vae, latent, prefix, fps, decode_id=10, save_id=11):
 LIGHTX2V = "wan2.2_i2v_lightx2v_4steps_lora_v1_{}_noise.safetensors"
 
 
-def wan22_i2v_a14b(frames: int, lora: bool = True) -> list[Node]:
+EXPERTS = "wan2.2_i2v_{}_noise_14B_fp8_scaled.safetensors"
+GGUF_EXPERTS = "wan2.2_i2v_{}_noise_14B_Q4_K_M.gguf"  # city96's file names
+
+
+def wan22_i2v_a14b(frames: int, lora: bool = True, experts: str = EXPERTS, windows: bool = False) -> list[Node]:
     """Wan 2.2 I2V-A14B, two chained samplers. With ``lora``: the lightx2v 4-step LoRAs (one per
     expert), 4 steps at cfg 1 (no negative pass), switch at 2, euler on ComfyUI's simple
     schedule, as the official ComfyUI template's "4steps LoRA" path. Without: 20 steps,
-    cfg 3.5, switch at 10, unipc on the official Wan schedule."""
+    cfg 3.5, switch at 10, unipc on the official Wan schedule. ``windows``: both samplers run
+    81-frame context windows (30 frames of overlap, static, pyramid fusion, every window's
+    first frame anchored on the start image)."""
     nodes = [
-        _model(1, "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", (0, 0), title="High-noise expert"),
-        _model(2, "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors", (0, 180), title="Low-noise expert"),
+        _model(1, experts.format("high"), (0, 0), title="High-noise expert"),
+        _model(2, experts.format("low"), (0, 180), title="Low-noise expert"),
         Node(3, "WanFitTextEncoderLoader", {"file": T5}, pos=(0, 360)),
         Node(4, "WanFitVAELoader", {"file": "wan_2.1_vae.safetensors"}, pos=(0, 480)),
         Node(5, "LoadImage", {"image": "start.png"}, pos=(0, 600), title="Start image"),
@@ -162,16 +172,23 @@ def wan22_i2v_a14b(frames: int, lora: bool = True) -> list[Node]:
         Node(7, "WanFitImageToVideoEncode", {"width": 832, "height": 480, "frames": frames},
              {"vae": (4, 0), "start_image": (5, 0)}, (380, 560)),
     ]
+    win = None
+    if windows:
+        win = 14
+        nodes.append(Node(win, "WanFitContextWindows", {
+            "context_length": 81, "context_overlap": 30, "context_schedule": "standard_static", "context_stride": 1,
+            "closed_loop": False, "fuse_method": "pyramid", "freenoise": False, "anchor_start_image": True},
+            pos=(380, 760), title="Context windows (81 frames)"))
     if lora:
         nodes += [
             _lora(12, 1, LIGHTX2V.format("high"), (380, 0), "4-step LoRA (high noise)"),
             _lora(13, 2, LIGHTX2V.format("low"), (380, 150), "4-step LoRA (low noise)"),
             _sampler(8, 12, 0, 2, True, True, (780, 0), steps=4, cfg=1.0, scheduler="euler", schedule="simple",
-                     title="Sampler (high noise, steps 0-2)"),
+                     title="Sampler (high noise, steps 0-2)", windows=win),
             _sampler(9, 13, 2, 10000, False, False, (780, 400), steps=4, cfg=1.0, scheduler="euler",
-                     schedule="simple", latent=8, title="Sampler (low noise, steps 2-4)"),
+                     schedule="simple", latent=8, title="Sampler (low noise, steps 2-4)", windows=win),
         ]
-        prefix = f"wanfit_i2v_a14b_{frames}f"
+        prefix = f"wanfit_i2v_a14b_{frames}f" + ("_gguf" if experts == GGUF_EXPERTS else "")
     else:
         nodes += [
             _sampler(8, 1, 0, 10, True, True, (780, 0), title="Sampler (high noise, steps 0-10)"),
@@ -230,6 +247,8 @@ GRAPHS = {
     "wan22_i2v_a14b_81f_32gb": lambda: wan22_i2v_a14b(81),
     "wan22_i2v_a14b_61f_32gb_20step": lambda: wan22_i2v_a14b(61, lora=False),
     "wan22_i2v_a14b_81f_32gb_20step": lambda: wan22_i2v_a14b(81, lora=False),
+    "wan22_i2v_a14b_161f_32gb": lambda: wan22_i2v_a14b(161, windows=True),
+    "wan22_i2v_a14b_81f_12gb_gguf": lambda: wan22_i2v_a14b(81, experts=GGUF_EXPERTS),
     "wan22_t2v_a14b_81f_32gb": wan22_t2v_a14b,
     "wan21_t2v_1.3b_low_ram": wan21_t2v_13b_low_ram,
     "wan22_ti2v_5b_121f": wan22_ti2v_5b,
