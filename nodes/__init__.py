@@ -1,6 +1,7 @@
 """ComfyUI node classes: thin wrappers that validate inputs and call into wan/ and optim/."""
-from . import cache, context, decode, encode, load, lora, memory, sample
+from . import cache, comfy, context, decode, encode, graph, load, lora, memory, pairing, sample  # noqa: F401
 from .tooltips import with_tooltips
+from .validation import with_graph_check
 
 _MODULES = (load, lora, encode, memory, context, cache, sample, decode)
 
@@ -11,3 +12,6 @@ for _cls in NODE_CLASS_MAPPINGS.values():
     # The docstring is the node's description in the UI (current ComfyUI reads DESCRIPTION).
     _cls.DESCRIPTION = " ".join((_cls.__doc__ or "").split())
     _cls.INPUT_TYPES = classmethod(with_tooltips(_cls.INPUT_TYPES.__func__))
+    with_graph_check(_cls)
+
+comfy.on_prompt(graph.check_prompt)  # graph-wide checks at /prompt (a no-op outside ComfyUI)

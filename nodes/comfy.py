@@ -82,6 +82,18 @@ def model_path(kind: str, name: str) -> str:
     raise FileNotFoundError(f"{name}: not found in the ComfyUI model folders {', '.join(_present_folders(kind))}")
 
 
+def on_prompt(handler) -> None:
+    """Run ``handler(json)`` on every prompt ComfyUI's server receives, before it validates
+    it; nothing when there is no ComfyUI server (tests, plain Python)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None and hasattr(instance, "add_on_prompt_handler"):
+        instance.add_on_prompt_handler(handler)
+
+
 def compute_device():
     """The device ComfyUI computes on (respects --cpu and friends)."""
     import comfy.model_management as mm

@@ -17,6 +17,7 @@ from . import cache as step_caches
 from . import comfy
 from .load import ModelHandle
 from .memory import JobPlan, plan_job
+from .pairing import pairing_problem
 from .stages import get_model, release_model
 from .types import (SCHEDULE_KEY, SOLVER_STATE_KEY, ImageEmbeds, TextEmbeds, from_comfy_latent,
                     to_comfy_latent)
@@ -38,27 +39,17 @@ def _out_of_memory(handle: ModelHandle, job: JobPlan, err: BaseException) -> Run
 
 
 def check_pairing(handle: ModelHandle, embeds: ImageEmbeds) -> None:
-    """A clear error when the model and the embeds are for different tasks."""
-    c = handle.config
-    y_dim = c.in_dim - c.out_dim
-    if c.model_type == "t2v" and embeds.y is not None:
-        raise ValueError(f"model {handle.describe()} is text-to-video, but its image embeds come from "
-                         f"{embeds.source} (image-to-video); use WanFit Empty Embeds or an i2v model")
-    if c.model_type == "i2v" and embeds.y is None:
-        raise ValueError(f"model {handle.describe()} is image-to-video, but its image embeds come from "
-                         f"{embeds.source} (text-to-video, no image); use WanFit Image-to-Video Encode")
-    if embeds.first_latent is not None and c.model_type != "ti2v":
-        raise ValueError(f"model {handle.describe()} is not TI2V-5B, but its image embeds were encoded with a "
-                         "Wan 2.2 VAE (TI2V-5B start image); use wan_2.1_vae for Wan 2.1 / 2.2-A14B i2v")
-    if c.model_type == "ti2v" and embeds.y is not None:
-        raise ValueError(f"model {handle.describe()} (TI2V-5B) cannot take {embeds.source} conditioning "
-                         "(built for Wan 2.1 / 2.2-A14B i2v); use WanFit Empty Embeds")
+    """A clear error when the model and the embeds are for different tasks (the rules
+    ``pairing.pairing_problem`` also applies at /prompt)."""
+    image = "2.2" if embeds.first_latent is not None else "2.1" if embeds.y is not None else None
+    problem = pairing_problem(handle.describe(), handle.config, image, embeds.clip_fea is not None,
+                              embeds.width, embeds.height)
+    if problem:
+        raise ValueError(problem)
+    y_dim = handle.config.in_dim - handle.config.out_dim
     if embeds.y is not None and embeds.y.shape[1] != y_dim:
         raise ValueError(f"model {handle.describe()} takes {y_dim} conditioning channels, the image embeds "
                          f"have {embeds.y.shape[1]}")
-    if c.clip and embeds.clip_fea is None:
-        raise ValueError(f"model {handle.describe()} (Wan 2.1 i2v) needs CLIP image features: connect a "
-                         "WanFit CLIP Vision Loader to Image-to-Video Encode")
 
 
 def latent_shape(handle: ModelHandle, embeds: ImageEmbeds) -> tuple[int, ...]:

@@ -283,7 +283,7 @@ def test_fuse_windows_places_each_window_on_its_frames():
     (dict(context_length=81, context_overlap=8, fuse_method="gauss"), "pyramid"),
 ])
 def test_bad_settings_are_refused_with_what_is_allowed(kwargs, needle):
-    problem = WanFitContextWindows.VALIDATE_INPUTS(**kwargs)
+    problem = WanFitContextWindows.VALIDATE_OWN(**kwargs)
     assert isinstance(problem, str) and needle in problem, problem
     full = dict(context_schedule="standard_static", context_stride=1, closed_loop=False, fuse_method="pyramid",
                 freenoise=False, anchor_start_image=False) | kwargs
@@ -292,10 +292,10 @@ def test_bad_settings_are_refused_with_what_is_allowed(kwargs, needle):
 
 
 def test_good_settings_pass_and_linked_values_wait():
-    assert WanFitContextWindows.VALIDATE_INPUTS(context_length=81, context_overlap=30) is True
-    assert WanFitContextWindows.VALIDATE_INPUTS(context_length=5, context_overlap=4,
+    assert WanFitContextWindows.VALIDATE_OWN(context_length=81, context_overlap=30) is True
+    assert WanFitContextWindows.VALIDATE_OWN(context_length=5, context_overlap=4,
                                                 fuse_method="overlap-linear") is True
-    assert WanFitContextWindows.VALIDATE_INPUTS(context_overlap=500) is True  # length comes over a link
+    assert WanFitContextWindows.VALIDATE_OWN(context_overlap=500) is True  # length comes over a link
     (out,) = WanFitContextWindows().settings(161, 16, "looped_uniform", 2, True, "relative", True, True)
     assert out == ContextWindows(41, 4, "looped_uniform", 2, "relative", True, True, True)
     inputs = WanFitContextWindows.INPUT_TYPES()["required"]

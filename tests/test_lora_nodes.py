@@ -62,10 +62,10 @@ def test_inputs_tooltips_and_validation():
     assert list(spec) == ["model", "lora_name", "strength", "lora_mode"]
     assert LORA_HIGH in spec["lora_name"][0] and spec["lora_mode"][0] == ["auto", "merged", "unmerged"]
     assert all("tooltip" in spec[k][1] for k in ("lora_name", "strength", "lora_mode"))
-    assert WanFitLoRA.VALIDATE_INPUTS(LORA_HIGH) is True
-    assert WanFitLoRA.VALIDATE_INPUTS(None) is True  # over a link: checked when it runs
-    assert "not found in the ComfyUI loras folder" in WanFitLoRA.VALIDATE_INPUTS("nope.safetensors")
-    message = WanFitLoRA.VALIDATE_INPUTS("a_vae.safetensors")
+    assert WanFitLoRA.VALIDATE_OWN(LORA_HIGH) is True
+    assert WanFitLoRA.VALIDATE_OWN(None) is True  # over a link: checked when it runs
+    assert "not found in the ComfyUI loras folder" in WanFitLoRA.VALIDATE_OWN("nope.safetensors")
+    message = WanFitLoRA.VALIDATE_OWN("a_vae.safetensors")
     assert "a_vae.safetensors: not a LoRA" in message
 
 

@@ -96,11 +96,11 @@ def test_fit_image_center_crops():
 
 
 def test_size_validation_messages():
-    assert encode.WanFitEmptyEmbeds.VALIDATE_INPUTS(width=832, height=480, frames=81) is True
-    assert "4n+1" in encode.WanFitEmptyEmbeds.VALIDATE_INPUTS(width=832, height=480, frames=80)
-    assert "multiples of 16" in encode.WanFitImageToVideoEncode.VALIDATE_INPUTS(width=840, height=480, frames=81)
+    assert encode.WanFitEmptyEmbeds.VALIDATE_OWN(width=832, height=480, frames=81) is True
+    assert "4n+1" in encode.WanFitEmptyEmbeds.VALIDATE_OWN(width=832, height=480, frames=80)
+    assert "multiples of 16" in encode.WanFitImageToVideoEncode.VALIDATE_OWN(width=840, height=480, frames=81)
     assert "multiples of 32" in encode.check_size(48, 32, 5, unit=32)
-    assert encode.WanFitEmptyEmbeds.VALIDATE_INPUTS(width=None, height=480, frames=81) is True  # linked
+    assert encode.WanFitEmptyEmbeds.VALIDATE_OWN(width=None, height=480, frames=81) is True  # linked
     with pytest.raises(ValueError, match="4n\\+1"):
         encode.WanFitEmptyEmbeds().embeds(32, 32, 6)
 
@@ -111,10 +111,10 @@ def test_loader_options_and_file_validation(models, tmp_path):
     inputs = load.WanFitModelLoader.INPUT_TYPES()["required"]
     assert inputs["attention"][0][:1] == ["auto"] and "sdpa" in inputs["attention"][0]
     assert inputs["compute_dtype"][0] == ["bf16", "fp16", "fp32"]
-    assert load.WanFitTextEncoderLoader.VALIDATE_INPUTS("umt5_xxl_fp8_e4m3fn_scaled.safetensors") is True
-    msg = load.WanFitTextEncoderLoader.VALIDATE_INPUTS("wan_2.1_vae.safetensors")
+    assert load.WanFitTextEncoderLoader.VALIDATE_OWN("umt5_xxl_fp8_e4m3fn_scaled.safetensors") is True
+    msg = load.WanFitTextEncoderLoader.VALIDATE_OWN("wan_2.1_vae.safetensors")
     assert "UMT5" in msg and "VAE" in msg
-    assert "not found" in load.WanFitVAELoader.VALIDATE_INPUTS("nope.safetensors")
+    assert "not found" in load.WanFitVAELoader.VALIDATE_OWN("nope.safetensors")
 
 
 def test_model_loader_validation_rejects_an_unsupported_dit_variant(monkeypatch, models, tmp_path):
@@ -128,7 +128,7 @@ def test_model_loader_validation_rejects_an_unsupported_dit_variant(monkeypatch,
     save_file(sd, str(path))
     monkeypatch.setattr(comfy, "list_models", lambda kind: [path.name])
     monkeypatch.setattr(comfy, "model_path", lambda kind, name: str(path))
-    msg = load.WanFitModelLoader.VALIDATE_INPUTS(path.name)
+    msg = load.WanFitModelLoader.VALIDATE_OWN(path.name)
     assert msg is not True and path.name in msg and "VACE" in msg
 
 
@@ -196,7 +196,7 @@ def test_ti2v_start_image_is_the_first_latent_frame(models, tmp_path, monkeypatc
     latent = from_comfy_latent(out["samples"])
     assert latent.shape == (1, 48, 3, 2, 2)
     torch.testing.assert_close(latent[:, :, :1], embeds.first_latent, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="not TI2V-5B"):
+    with pytest.raises(ValueError, match="is text-to-video, but its image embeds come from WanFit Image-to-Video"):
         sample.WanFitSampler().run(_model(NAMES[2]), _text(), embeds, 2, 5.0, 5.0, 3, "unipc", 0, 2, True, False)
     frames = decode.WanFitVAEDecode().decode(vae, out)[0]
     assert frames.shape == (9, 32, 32, 3)

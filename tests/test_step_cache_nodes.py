@@ -148,7 +148,7 @@ def test_calibrate_saves_a_calibration_that_the_cache_nodes_list_and_use(no_comf
     text, empty = _text(), encode.WanFitEmptyEmbeds().embeds(32, 32, 5)[0]
     t2v = _model(T2V)
     steps = 10
-    assert cache.WanFitCacheCalibrate.VALIDATE_INPUTS("../escape") is not True
+    assert cache.WanFitCacheCalibrate.VALIDATE_OWN("../escape") is not True
     calibrate = cache.WanFitCacheCalibrate().make("tiny t2v", "compute")[0]
     run = lambda c=None: sample.WanFitSampler().run(t2v, text, empty, steps, 5.0, 5.0, 2, "unipc", 0, steps,  # noqa
                                                     True, False, step_cache=c)[0]
@@ -161,8 +161,8 @@ def test_calibrate_saves_a_calibration_that_the_cache_nodes_list_and_use(no_comf
     choice = "calibration: tiny t2v"
     assert choice in cache.WanFitMagCache.INPUT_TYPES()["required"]["ratios"][0]
     assert choice in cache.WanFitTeaCache.INPUT_TYPES()["required"]["coefficients"][0]
-    assert cache.WanFitMagCache.VALIDATE_INPUTS(choice) is True
-    assert "no such calibration" in cache.WanFitMagCache.VALIDATE_INPUTS("calibration: nope")
+    assert cache.WanFitMagCache.VALIDATE_OWN(choice) is True
+    assert "no such calibration" in cache.WanFitMagCache.VALIDATE_OWN("calibration: nope")
     mag = _mag(threshold=0.0, K=2, retention_ratio=0.2, ratios=choice)
     tea = cache.WanFitTeaCache().make(0.0, "e", choice, "compute", False)[0]
     for settings in (mag, tea):

@@ -1,0 +1,48 @@
+"""Every WanFit node validates through the graph check, so each problem is reported once.
+
+ComfyUI attaches a VALIDATE_INPUTS message to every input the function names (a size check
+reading width, height and frames reported its problem three times) and skips its own range
+and list tests for those inputs. So a node's own check runs in ``graph.check_prompt`` on the
+prompt's literal values (links as None, as ComfyUI passes them), together with the
+graph-wide checks, and the node's VALIDATE_INPUTS names only the hidden ``unique_id`` input:
+the problem comes back once, under the node, and ComfyUI keeps checking every widget's
+range and choices itself. The node's own check is kept as ``VALIDATE_OWN``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+from . import graph
+
+
+def with_graph_check(cls) -> None:
+    """Route ``cls``'s validation through ``graph`` (see the module docstring)."""
+    graph.NODES[cls.__name__] = cls
+    own = getattr(cls, "VALIDATE_INPUTS", None)
+    if own is not None:
+        cls.VALIDATE_OWN = own
+        graph.VALIDATORS[cls.__name__] = own
+        graph.VALIDATOR_ARGS[cls.__name__] = tuple(inspect.signature(own).parameters)
+
+    def validate(klass, unique_id=None):
+        return graph.problem(unique_id) or True
+
+    cls.VALIDATE_INPUTS = classmethod(validate)
+
+    input_types = cls.INPUT_TYPES.__func__
+
+    @functools.wraps(input_types)
+    def with_hidden(klass):
+        out = input_types(klass)
+        out.setdefault("hidden", {})["unique_id"] = "UNIQUE_ID"
+        return out
+
+    cls.INPUT_TYPES = classmethod(with_hidden)
+    run = getattr(cls, cls.FUNCTION)
+
+    @functools.wraps(run)
+    def without_id(self, *args, unique_id=None, **kwargs):  # ComfyUI passes hidden inputs to the node too
+        return run(self, *args, **kwargs)
+
+    setattr(cls, cls.FUNCTION, without_id)
