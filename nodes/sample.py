@@ -112,9 +112,10 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
         run_blocks = prepared.run_blocks if cache is None else cache.wrap(prepared.run_blocks, str(handle.key))
         denoise = make_denoiser(prepared.model, positive, negative, cfg, batch_cfg=job.batch_cfg,
                                 run_blocks=_cancellable(run_blocks), first_latent=first, windows=windows)
-        def on_step(*args) -> None:
-            tel.on_step(*args)
-            callback(*args)
+        def on_step(step: int, steps: int, x, x0) -> None:
+            tel.on_step(step, steps, x, x0)
+            check_finite(handle, step, steps, start, end, x0)
+            callback(step, steps, x, x0)
 
         with torch.inference_mode(), tel.stage("sample"):
             result = sample(denoise, latent, sigmas, solver, start_step=start, end_step=end, noise=noise,
@@ -131,6 +132,17 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
     except BaseException:
         release_model()
         raise
+
+
+def check_finite(handle: ModelHandle, step: int, steps: int, start: int, end: int, x0) -> None:
+    """Stop at the first step whose prediction is not finite: it would decode to a black video
+    reported as a success."""
+    if x0 is not None and not bool(torch.isfinite(x0).all()):
+        raise ValueError(
+            f"step {step + 1} of {steps} (this pass runs steps {start + 1}..{min(end, steps)}) with "
+            f"{handle.describe()} gave NaN or infinite values. Likely causes: fp16 overflow (load the model "
+            f"with compute_dtype bf16), NaN weights in {handle.name} (download it again), or a NaN input "
+            "(a LATENT from another node)")
 
 
 def _cancellable(run_blocks):
@@ -184,7 +196,7 @@ def _output(x: torch.Tensor, state, schedule: dict, jobs: list[JobPlan], tel: Te
 
 _COMMON = {
     "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS}),
-    "shift": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+    "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.01}),
     "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
     "scheduler": (list(SOLVERS), {"default": "unipc"}),
     "schedule": (list(SCHEDULES), {"default": "wan"}),
@@ -222,6 +234,9 @@ class WanFitSampler:
             return_with_leftover_noise: bool, latent: dict | None = None, schedule: str = "wan",
             step_cache=None, context_windows: ContextWindows | None = None):
         end = min(end_step, steps)
+        if start_step >= end:
+            log.warning("WanFit Sampler: start_step %d is not before end_step %d (of %d steps): nothing is sampled, "
+                        "the input latent passes through (as KSamplerAdvanced does)", start_step, end, steps)
         sigmas = schedule_sigmas(schedule, steps, shift)
         info = dict(steps=steps, shift=shift, scheduler=scheduler, schedule=schedule, start_step=start_step,
                     end_step=end)
