@@ -42,7 +42,8 @@ def _import_pack():
 def measure(version: str, width: int, height: int) -> dict:
     """Decode and encode peaks of one full-size VAE, per output pixel per dtype byte."""
     from wanfit.optim.hostmem import allocation_peak
-    from wanfit.wan.vae_common import Wan21VAEConfig, Wan22VAEConfig, build_vae
+    from wanfit.wan.vae import build_vae
+    from wanfit.wan.vae_common import Wan21VAEConfig, Wan22VAEConfig
 
     config = Wan21VAEConfig() if version == "2.1" else Wan22VAEConfig()
     unit = config.spatial_compression

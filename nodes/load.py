@@ -12,7 +12,8 @@ from ..wan.attention import available_backends
 from ..wan.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from ..wan.detect import detect_dit_config, variant_name
 from ..wan.model import WanConfig
-from ..wan.vae_common import VAEConfig, detect_vae_config
+from ..wan.vae import detect_vae_config
+from ..wan.vae_common import VAEConfig
 from . import comfy
 
 CATEGORY = "WanFit/loaders"
