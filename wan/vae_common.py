@@ -150,9 +150,16 @@ class Causal:
 
 
 def run(layers: Iterable[nn.Module], x: Tensor, cache: FeatureCache) -> Tensor:
-    """Apply ``layers`` in order, handing the cache to the causal ones."""
+    """Apply ``layers`` in order, handing the cache to the causal ones. Convolutions and
+    resamples get their input to keep (``consume``): unless the caller holds it too, it is
+    freed as soon as its padded or reshaped copy exists, before the big operation runs."""
     for layer in layers:
-        x = layer(x, cache) if isinstance(layer, Causal) else layer(x)
+        if isinstance(layer, (CausalConv3d, Resample)):
+            box = [x]
+            del x
+            x = layer.consume(box, cache)
+        else:
+            x = layer(x, cache) if isinstance(layer, Causal) else layer(x)
     return x
 
 
@@ -178,17 +185,45 @@ class CausalConv3d(nn.Conv3d, Causal):
         self.padding = (0, 0, 0)
 
     def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
-        pad = list(self._pad)
-        if cache is not None:
-            prev = cache.get(self)
-            tail = x[:, :, -CACHE_T:].clone()  # a clone: a view would keep all of x alive
-            if tail.shape[2] < CACHE_T and prev is not None:
-                tail = torch.cat([prev[:, :, -1:], tail], 2)
-            cache.put(self, tail)
-            if prev is not None:
-                x = torch.cat([prev, x], 2)
-                pad[4] -= prev.shape[2]
-        return super().forward(F.pad(x, pad))
+        return super().forward(self._padded(x, self._remember(x, cache)))
+
+    def consume(self, box: list[Tensor], cache: FeatureCache | None = None) -> Tensor:
+        """``forward(box.pop(), cache)``, dropping this call's reference to the input once it
+        is padded: a caller that hands it over this way (``run``) keeps no other, so the
+        input is not alive beside its padded copy and the output during the convolution."""
+        x = box.pop()
+        padded = self._padded(x, self._remember(x, cache))
+        del x
+        return super().forward(padded)
+
+    def _remember(self, x: Tensor, cache: FeatureCache | None) -> Tensor | None:
+        """The previous chunk's tail from ``cache``, which now keeps this chunk's instead."""
+        if cache is None or not self._pad[4]:  # a 1-tap conv in time needs no past
+            return None
+        prev = cache.get(self)
+        tail = x[:, :, -CACHE_T:].clone()  # a clone: a view would keep all of x alive
+        if tail.shape[2] < CACHE_T and prev is not None:
+            tail = torch.cat([prev[:, :, -1:], tail], 2)
+        cache.put(self, tail)
+        return prev
+
+    def _padded(self, x: Tensor, prev: Tensor | None) -> Tensor:
+        """[zeros, prev, x] in time, zero-padded in space: the official ``F.pad(cat([prev, x]))``
+        written into one buffer, so no concatenated copy lives beside it during the convolution."""
+        w, _, h, _, past, _ = self._pad
+        if prev is not None and past > 0:
+            prev = prev[:, :, -past:]
+        else:
+            prev = None  # no past frames to fill (a 1-tap conv), as official
+        if not (w or h or past):
+            return x.contiguous()
+        b, c, t, height, width = x.shape
+        out = x.new_zeros(b, c, past + t, height + 2 * h, width + 2 * w)
+        rows, cols = slice(h, h + height), slice(w, w + width)
+        if prev is not None:
+            out[:, :, past - prev.shape[2]:past, rows, cols] = prev
+        out[:, :, past:, rows, cols] = x
+        return out
 
 
 class RMSNorm(nn.Module):
@@ -200,7 +235,8 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * (3 if video else 2)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        # in place on normalize's fresh result: one temporary instead of three (same products)
+        return F.normalize(x, dim=1).mul_(self.scale).mul_(self.gamma)
 
 
 class ResidualBlock(nn.Module, Causal):
@@ -208,15 +244,17 @@ class ResidualBlock(nn.Module, Causal):
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.residual = nn.Sequential(
-            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMSNorm(out_dim), nn.SiLU(),
+        self.residual = nn.Sequential(  # SiLU in place: it always follows a norm's fresh output
+            RMSNorm(in_dim), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim), nn.SiLU(inplace=True),
             nn.Identity(),  # official Dropout(0): keeps the second conv at index 6
             CausalConv3d(out_dim, out_dim, 3, padding=1))
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
-        return run(self.residual, x, cache) + self.shortcut(x)
+        out = run(self.residual, x, cache)
+        out += self.shortcut(x)  # in place: no third block-sized tensor beside the two summands
+        return out
 
 
 class AttentionBlock(nn.Module):
@@ -229,7 +267,9 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return per_frame(self._attend, x) + x
+        out = per_frame(self._attend, x)
+        out += x
+        return out
 
     def _attend(self, y: Tensor) -> Tensor:
         # Tensor layouts as official: other strides pick other kernels and round differently.
@@ -239,10 +279,13 @@ class AttentionBlock(nn.Module):
 
 
 class Upsample2x(nn.Module):
-    """Nearest-neighbour 2x in space, computed in float32 (bfloat16 lacks the kernel)."""
+    """Nearest-neighbour 2x in space: every pixel repeated 2x2, which is what the official
+    ``nearest-exact`` interpolation does at scale 2. One copy in the input's dtype, where the
+    official float32 round trip (for bfloat16) makes three."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").type_as(x)
+        n, c, h, w = x.shape
+        return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
 class Resample(nn.Module, Causal):
@@ -269,15 +312,35 @@ class Resample(nn.Module, Causal):
             raise ValueError(f"unknown resample mode {mode!r}")
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        return self.consume([x], cache)
+
+    def consume(self, box: list[Tensor], cache: FeatureCache) -> Tensor:
+        """``forward(box.pop(), cache)``; each intermediate is dropped as soon as the next
+        exists (see ``CausalConv3d.consume``)."""
+        x = box.pop()
         if self.mode == "upsample3d" and not cache.first:
-            # One conv yields two frames per input frame, interleaved in time.
-            x = rearrange(self.time_conv(x, cache), "b (two c) t h w -> b c (t two) h w", two=2)
-        x = per_frame(self.resample, x)
+            # One conv yields two frames per input frame, interleaved in time; they go straight
+            # to the per-frame layout (one copy, not two).
+            box.append(x)
+            del x
+            frames = self.time_conv.consume(box, cache)
+            t = 2 * frames.shape[2]
+            frames = rearrange(frames, "b (two c) t h w -> (b t two) c h w", two=2)
+        else:
+            t = x.shape[2]
+            frames = rearrange(x, "b c t h w -> (b t) c h w")
+            del x
+        for layer in self.resample:
+            frames = layer(frames)
+        x = rearrange(frames, "(b t) c h w -> b c t h w", t=t)
+        del frames
         if self.mode == "downsample3d":
             prev = cache.get(self.time_conv)
             cache.put(self.time_conv, x[:, :, -1:].clone())
             if prev is not None:  # the first frame passes alone
-                x = self.time_conv(torch.cat([prev, x], 2))
+                box.append(torch.cat([prev, x], 2))
+                del x
+                x = self.time_conv.consume(box)
         return x
 
 
@@ -291,7 +354,7 @@ def middle_block(dim: int) -> nn.Sequential:
 
 
 def head_block(dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
+    return nn.Sequential(RMSNorm(dim), nn.SiLU(inplace=True), CausalConv3d(dim, out_dim, 3, padding=1))
 
 
 class Encoder3d(nn.Module, Causal):
