@@ -10,7 +10,7 @@ Sequential indices and the ``temperal`` spelling), so official state dicts load 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -449,23 +449,40 @@ class WanVAE(nn.Module):
         return self._decode_frames(self._from_latent(latent), cache)
 
     @torch.no_grad()
-    def encode(self, video: Tensor) -> Tensor:
-        """[B, 3, 1+4n, H, W] in [-1, 1] -> normalised latent [B, z_dim, 1+n, H/s, W/s]."""
+    def encode(self, video: Tensor, chunk: int = ENCODE_CHUNK,
+               on_chunk: Callable[[], None] | None = None) -> Tensor:
+        """[B, 3, 1+4n, H, W] in [-1, 1] -> normalised latent [B, z_dim, 1+n, H/s, W/s].
+
+        The first frame goes alone, then ``chunk`` frames at a time (a multiple of 4; official:
+        4), each moved to the weights' device as it goes; ``on_chunk`` runs after each.
+        """
         frames = video.shape[2]
         if (frames - 1) % ENCODE_CHUNK:
             raise ValueError(f"Wan VAE encodes 4n+1 frames (1, 5, 9, ..., 81); got {frames}")
         cache = FeatureCache()
+        features = []
+        for s in time_chunks(frames, chunk):
+            features.append(self._encode_frames(video[:, :, s], cache))
+            if on_chunk is not None:
+                on_chunk()
         # conv1 over the whole sequence as official (per chunk differs only by rounding)
-        return self._to_latent(torch.cat([self._encode_frames(video[:, :, s], cache)
-                                          for s in time_chunks(frames, ENCODE_CHUNK)], 2))
+        return self._to_latent(torch.cat(features, 2))
 
     @torch.no_grad()
-    def decode(self, latent: Tensor) -> Tensor:
-        """Normalised latent [B, z_dim, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] in [-1, 1]."""
+    def decode(self, latent: Tensor, chunk: int = 1) -> Tensor:
+        """Normalised latent [B, z_dim, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] in [-1, 1];
+        the first latent frame alone, then ``chunk`` at a time (official: 1)."""
+        return torch.cat(list(self.decode_stream(latent, chunk)), 2).clamp_(-1, 1)
+
+    @torch.no_grad()
+    def decode_stream(self, latent: Tensor, chunk: int = 1) -> Iterator[Tensor]:
+        """``decode``'s video chunk by chunk, not clamped (tiles blend first): 1 frame for the
+        first latent frame, then 4 per latent frame, ``chunk`` latent frames at a time. The
+        latent goes to the weights' device whole (it is small), frames leave as they come."""
         x = self._from_latent(latent)
         cache = FeatureCache()
-        return torch.cat([self._decode_frames(x[:, :, s], cache)
-                          for s in time_chunks(x.shape[2], 1)], 2).clamp_(-1, 1)
+        for s in time_chunks(x.shape[2], chunk):
+            yield self._decode_frames(x[:, :, s], cache)
 
     def _encode_frames(self, video: Tensor, cache: FeatureCache) -> Tensor:
         n = video.shape[2]
