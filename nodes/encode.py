@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..optim import loading, planner
 from ..optim.gguf import GGUFCheckpoint, load_text_encoder_gguf
+from ..optim import tiling as vae_tiling  # `tiling` is an input name here
+from ..optim.tiling import Tiling, TilingOptions
 from ..wan.checkpoint import Checkpoint
 from . import comfy, stages
+from .decode import vae_progress
 from .load import VAEHandle
 from .types import ImageEmbeds, TextEmbeds, default_dtype
 
@@ -153,9 +157,11 @@ def fit_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return x[0] * 2 - 1
 
 
-def i2v_conditioning(vae, start: torch.Tensor, end: torch.Tensor | None, frames: int) -> torch.Tensor:
+def i2v_conditioning(vae, start: torch.Tensor, end: torch.Tensor | None, frames: int,
+                     encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Official Wan image2video ``y``: the 4-channel mask of the 1+4n frame mask, then the VAE
-    latent of [start frame, zeros..., (end frame)]. start / end: [3, H, W] in [-1, 1]."""
+    latent of [start frame, zeros..., (end frame)]. start / end: [3, H, W] in [-1, 1].
+    ``encode`` (video -> latent) stands in for ``vae.encode``, e.g. a tiled encode."""
     _, h, w = start.shape
     s = vae.config.spatial_compression
     lat_h, lat_w = h // s, w // s
@@ -170,7 +176,7 @@ def i2v_conditioning(vae, start: torch.Tensor, end: torch.Tensor | None, frames:
         parts.append(end[:, None])
     video = torch.cat(parts, dim=1)[None]
     with torch.inference_mode():
-        latent = vae.encode(video)[0].float().cpu()
+        latent = (encode or vae.encode)(video)[0].float().cpu()
     return torch.cat([msk, latent])[None]
 
 
@@ -179,7 +185,8 @@ class WanFitImageToVideoEncode:
     target size, encode [start, zeros..., end] with the VAE and prepend the official 4-channel
     frame mask; with a CLIP vision encoder (Wan 2.1 i2v) add its image features. For Wan 2.1
     and Wan 2.2 I2V-A14B (wan_2.1_vae); with the Wan 2.2 VAE (TI2V-5B) the start image's latent
-    becomes the first latent frame instead."""
+    becomes the first latent frame instead. The VAE encode tiles on the GPU when whole frames
+    would not fit (optional `tiling` input: a WanFit VAE Tiling node; unconnected = auto)."""
 
     DISPLAY_NAME = "WanFit Image-to-Video Encode"
     CATEGORY = CATEGORY
@@ -189,14 +196,16 @@ class WanFitImageToVideoEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"vae": ("WANFIT_VAE",), "start_image": ("IMAGE",), **_size_inputs()},
-                "optional": {"end_image": ("IMAGE",), "clip_vision": ("WANFIT_CLIP_VISION",)}}
+                "optional": {"end_image": ("IMAGE",), "clip_vision": ("WANFIT_CLIP_VISION",),
+                             "tiling": ("WANFIT_VAE_TILING",)}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, width=832, height=480, frames=81):
         return check_size(width, height, frames)
 
     def encode(self, vae: VAEHandle, start_image: torch.Tensor, width: int, height: int, frames: int,
-               end_image: torch.Tensor | None = None, clip_vision: Checkpoint | None = None):
+               end_image: torch.Tensor | None = None, clip_vision: Checkpoint | None = None,
+               tiling: TilingOptions | None = None):
         if start_image is None:
             raise ValueError("Image-to-Video Encode needs a start_image")
         unit = 16 if vae.config.version == "2.1" else 32
@@ -208,9 +217,8 @@ class WanFitImageToVideoEncode:
         if vae.config.version != "2.1" and end is not None:
             raise ValueError(f"{vae.name} is a Wan 2.2 VAE (TI2V-5B), which takes a start image only; "
                              "disconnect end_image")
-        device = stages.vae_stage_device(vae, width, height, encode=True)
-        latent = stages.run_stage(f"VAE encode ({vae.name}, {width}x{height})", device,
-                           lambda d: _vae_encode(vae, start, end, frames, d))
+        latent = stages.run_vae_stage(f"VAE encode ({vae.name}, {width}x{height})", vae, width, height, True,
+                                      tiling or vae_tiling.AUTO, lambda d, t: _vae_encode(vae, start, end, frames, d, t))
         if vae.config.version != "2.1":  # TI2V-5B: the image latent is the first latent frame
             return (ImageEmbeds(width, height, frames, first_latent=latent,
                                 source="WanFit Image-to-Video Encode (Wan 2.2 VAE)"),)
@@ -232,14 +240,16 @@ class WanFitImageToVideoEncode:
 
 
 def _vae_encode(vae: VAEHandle, start: torch.Tensor, end: torch.Tensor | None, frames: int,
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, tiles: Tiling) -> torch.Tensor:
     """TI2V-5B: the start image's latent; Wan 2.1 / 2.2-A14B i2v: the conditioning ``y``."""
     model = loading.load_vae(vae.ckpt, default_dtype(device), device)
     try:
+        def encode(video: torch.Tensor) -> torch.Tensor:
+            return vae_tiling.tiled_encode(model, video, tiles, progress=vae_progress())
         if vae.config.version != "2.1":
             with torch.inference_mode():
-                return model.encode(start[None, :, None]).float().cpu()
-        return i2v_conditioning(model, start, end, frames)
+                return encode(start[None, :, None])
+        return i2v_conditioning(model, start, end, frames, encode)
     finally:
         del model
         comfy.free_memory_cache()

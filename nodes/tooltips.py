@@ -88,6 +88,17 @@ TOOLTIPS = {
     "allow_short_schedules": "With 8 or fewer steps (distilled / LoRA schedules) nothing is skipped unless this is "
                              "on: the caches lose too much quality there.",
     "name": "Calibration name: saved as user/wanfit/step_cache/NAME.json and listed on the cache nodes.",
+    "tiling": "Tiled VAE settings (a WanFit VAE Tiling node). Unconnected = auto: whole frames when they fit the "
+              "GPU, else the largest tiles that do; the CPU only when not even small tiles fit.",
+    "tiling_mode": "auto: the largest tiles that fit the GPU (whole frames when they do), with the overlap and "
+                   "temporal settings below; manual: tiles of tile_size; off: never tile.",
+    "tile_size": "Tile width and height in pixels, a multiple of 16, at least twice the overlap. Device memory "
+                 "follows the tile.",
+    "overlap": "Pixels neighbouring tiles share, blended with feathered edges against seams; a multiple of 16.",
+    "temporal_size": "Frames per time chunk, 4n+1: after the first frame, n latent frames go through the VAE's "
+                     "causal cache at a time (exact). 5 = one, as official; larger uses more memory.",
+    "temporal_overlap": "0 (recommended): time chunks continue one causal stream, exactly. 4m: overlapping "
+                        "windows decoded afresh and cross-faded, as ComfyUI's VAE Decode (Tiled) (approximate).",
 }
 
 

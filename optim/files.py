@@ -17,7 +17,7 @@ from ..wan.clip_vision import ClipVisionEncoder, convert_clip_vision_state_dict,
 from ..wan.detect import verify_dit
 from ..wan.t5 import verify_t5
 from ..wan.tokenizer import load_tokenizer
-from ..wan.vae_common import detect_vae_config
+from ..wan.vae import detect_vae_config
 from . import gguf
 
 ModelFile = Checkpoint | gguf.GGUFCheckpoint

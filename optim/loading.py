@@ -20,7 +20,8 @@ from ..wan.detect import detect_dit_config
 from ..wan.model import WanModel
 from ..wan.t5 import UMT5Encoder, detect_t5_config, t5_key_map
 from ..wan.tokenizer import UMT5Tokenizer, load_tokenizer
-from ..wan.vae_common import WanVAE, build_vae, detect_vae_config
+from ..wan.vae import build_vae, detect_vae_config
+from ..wan.vae_common import WanVAE
 from . import fp8, hostmem
 
 # Weight formats a user can ask for; "auto" keeps what the file stores.

@@ -42,7 +42,8 @@ from torch import nn
 from ..wan.clip_vision import VIT_H_14, ClipVisionEncoder
 from ..wan.model import PRESETS, HostInputs, WanConfig, WanModel
 from ..wan.t5 import TEXT_LEN, UMT5_XXL, UMT5Encoder
-from ..wan.vae_common import WAN21_VAE, WAN22_VAE, VAEConfig, build_vae
+from ..wan.vae import build_vae
+from ..wan.vae_common import WAN21_VAE, WAN22_VAE, VAEConfig
 from . import fp8, memtrace
 from .loading import DTYPES, WEIGHT_FORMATS, t5_block_linear
 from .memtrace import Live

@@ -217,26 +217,40 @@ def test_decode_node_equals_the_vae_decode():
 
 
 def test_encoders_run_where_their_stage_says(monkeypatch):
-    """Each encoder asks ``stage_device`` for its weights + working memory and loads there."""
-    calls = []
+    """UMT5 asks ``stage_device`` for its weights + working memory, the VAE asks
+    ``vae_stage_device`` (encode, then decode) and runs in the tiling it answers."""
+    from wanfit.optim import loading, planner
+    from wanfit.optim.tiling import Tiling, TilingOptions
+
+    calls, tilings = [], []
 
     def record(name, weight_bytes, work_bytes):
         calls.append((name.split(" ")[0], weight_bytes, work_bytes))
         return torch.device("cpu")
+
+    def record_vae(vae, width, height, encode, options):
+        calls.append(("VAE", width, height, encode, options))
+        return torch.device("cpu"), Tiling(32, 32, 16)
+
+    real = decode.vae_tiling.tiled_decode
     monkeypatch.setattr(stages, "stage_device", record)
+    monkeypatch.setattr(stages, "vae_stage_device", record_vae)
+    monkeypatch.setattr(decode.vae_tiling, "tiled_decode",
+                        lambda model, x, tiles, **kw: tilings.append(tiles) or real(model, x, tiles, **kw))
     encode._TEXT_CACHE.clear()
     _text()
     embeds = _image_embeds(frames=5, size=32)
     vae = load.WanFitVAELoader().load("wan_2.1_vae.safetensors")[0]
     out = sample.WanFitSampler().run(_model(NAMES[0]), _text(), embeds, 2, 3.0, 5.0, 0, "unipc", 0, 2,
                                      True, False)[0]
-    decode.WanFitVAEDecode().decode(vae, out)
-    from wanfit.optim import loading, planner
+    manual = TilingOptions("manual", 32, 16)
+    decode.WanFitVAEDecode().decode(vae, out, manual)
     te = load.WanFitTextEncoderLoader().load("umt5_xxl_fp8_e4m3fn_scaled.safetensors")[0]
     assert [c[0] for c in calls] == ["UMT5", "VAE", "VAE"]
     assert calls[0][1:] == (loading.loaded_bytes(te, torch.float32), planner.encoder_work("t5"))
-    assert calls[1][2] == planner.encoder_work("2.1", 32, 32, torch.float32, encode=True)
-    assert calls[2][2] == planner.encoder_work("2.1", 32, 32, torch.float32)
+    assert calls[1][1:] == (32, 32, True, TilingOptions())  # unconnected: auto
+    assert calls[2][1:] == (32, 32, False, manual)
+    assert tilings == [Tiling(32, 32, 16)]
 
 
 def test_decode_out_of_gpu_memory_reruns_on_the_cpu(monkeypatch):
@@ -252,7 +266,8 @@ def test_decode_out_of_gpu_memory_reruns_on_the_cpu(monkeypatch):
         if torch.device(device).type == "cuda":
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real(ckpt, dtype, device)
-    monkeypatch.setattr(stages, "vae_stage_device", lambda *a, **k: torch.device("cuda", 0))
+    monkeypatch.setattr(stages, "vae_stage_device", lambda vae, w, h, encode, options:
+                        (torch.device("cuda", 0), options.whole(w, h)))
     monkeypatch.setattr(loading, "load_vae", load_vae)
     assert torch.equal(decode.WanFitVAEDecode().decode(vae, latent)[0], expected)
     assert devices == ["cuda", "cpu"]

@@ -13,8 +13,8 @@ import torch
 from reference import wan22_module
 from wanfit.wan.vae21 import WanVAE21
 from wanfit.wan.vae22 import WanVAE22
-from wanfit.wan.vae_common import (WAN21_VAE, WAN22_VAE, FeatureCache, Wan21VAEConfig, Wan22VAEConfig,
-                                   build_vae, detect_vae_config, time_chunks)
+from wanfit.wan.vae import build_vae, detect_vae_config
+from wanfit.wan.vae_common import WAN21_VAE, WAN22_VAE, FeatureCache, Wan21VAEConfig, Wan22VAEConfig, time_chunks
 
 TINY21 = Wan21VAEConfig(dim=8)
 TINY22 = Wan22VAEConfig(dim=8, dec_dim=12)
@@ -267,3 +267,19 @@ def test_detect_rejects():
     four_channel["encoder.conv1.weight"] = (96, 4, 3, 3, 3)
     with pytest.raises(ValueError, match="expected 3 .* or 12"):
         detect_vae_config(four_channel)
+
+
+def test_vae_imports_run_one_way():
+    """vae -> vae21, vae22 -> vae_common: the shared module knows neither version."""
+    import ast
+    from pathlib import Path
+
+    wan = Path(__file__).resolve().parents[1] / "wan"
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((wan / f"{name}.py").read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert imported("vae_common") & {"vae", "vae21", "vae22"} == set()
+    assert imported("vae21") & {"vae", "vae22"} == set() and imported("vae22") & {"vae", "vae21"} == set()
+    assert {"vae21", "vae22", "vae_common"} <= imported("vae")

@@ -23,7 +23,9 @@ class AvgDown3D(nn.Module):
         self.out_dim, self.factor_t, self.factor_s = out_dim, factor_t, factor_s
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.pad(x, (0, 0, 0, 0, -x.shape[2] % self.factor_t, 0))  # causal: pad the past
+        pad = -x.shape[2] % self.factor_t
+        if pad:  # causal: pad the past (F.pad copies even when there is nothing to pad)
+            x = F.pad(x, (0, 0, 0, 0, pad, 0))
         x = rearrange(x, "b c (t ft) (h fh) (w fw) -> b (c ft fh fw) t h w",
                       ft=self.factor_t, fh=self.factor_s, fw=self.factor_s)
         return reduce(x, "b (o g) t h w -> b o t h w", "mean", o=self.out_dim)
@@ -58,7 +60,9 @@ class DownBlock(nn.Module, Causal):
         self.downsamples = nn.Sequential(*layers)
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
-        return run(self.downsamples, x, cache) + self.avg_shortcut(x)
+        out = run(self.downsamples, x, cache)
+        out += self.avg_shortcut(x)  # in place, as in ResidualBlock
+        return out
 
 
 class UpBlock(nn.Module, Causal):
@@ -74,7 +78,9 @@ class UpBlock(nn.Module, Causal):
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
         out = run(self.upsamples, x, cache)
-        return out if self.avg_shortcut is None else out + self.avg_shortcut(x, cache.first)
+        if self.avg_shortcut is not None:
+            out += self.avg_shortcut(x, cache.first)  # in place, as in ResidualBlock
+        return out
 
 
 class WanVAE22(WanVAE):

@@ -10,8 +10,8 @@ Sequential indices and the ``temperal`` spelling), so official state dicts load 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -150,9 +150,16 @@ class Causal:
 
 
 def run(layers: Iterable[nn.Module], x: Tensor, cache: FeatureCache) -> Tensor:
-    """Apply ``layers`` in order, handing the cache to the causal ones."""
+    """Apply ``layers`` in order, handing the cache to the causal ones. Convolutions and
+    resamples get their input to keep (``consume``): unless the caller holds it too, it is
+    freed as soon as its padded or reshaped copy exists, before the big operation runs."""
     for layer in layers:
-        x = layer(x, cache) if isinstance(layer, Causal) else layer(x)
+        if isinstance(layer, (CausalConv3d, Resample)):
+            box = [x]
+            del x
+            x = layer.consume(box, cache)
+        else:
+            x = layer(x, cache) if isinstance(layer, Causal) else layer(x)
     return x
 
 
@@ -178,17 +185,45 @@ class CausalConv3d(nn.Conv3d, Causal):
         self.padding = (0, 0, 0)
 
     def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
-        pad = list(self._pad)
-        if cache is not None:
-            prev = cache.get(self)
-            tail = x[:, :, -CACHE_T:].clone()  # a clone: a view would keep all of x alive
-            if tail.shape[2] < CACHE_T and prev is not None:
-                tail = torch.cat([prev[:, :, -1:], tail], 2)
-            cache.put(self, tail)
-            if prev is not None:
-                x = torch.cat([prev, x], 2)
-                pad[4] -= prev.shape[2]
-        return super().forward(F.pad(x, pad))
+        return super().forward(self._padded(x, self._remember(x, cache)))
+
+    def consume(self, box: list[Tensor], cache: FeatureCache | None = None) -> Tensor:
+        """``forward(box.pop(), cache)``, dropping this call's reference to the input once it
+        is padded: a caller that hands it over this way (``run``) keeps no other, so the
+        input is not alive beside its padded copy and the output during the convolution."""
+        x = box.pop()
+        padded = self._padded(x, self._remember(x, cache))
+        del x
+        return super().forward(padded)
+
+    def _remember(self, x: Tensor, cache: FeatureCache | None) -> Tensor | None:
+        """The previous chunk's tail from ``cache``, which now keeps this chunk's instead."""
+        if cache is None or not self._pad[4]:  # a 1-tap conv in time needs no past
+            return None
+        prev = cache.get(self)
+        tail = x[:, :, -CACHE_T:].clone()  # a clone: a view would keep all of x alive
+        if tail.shape[2] < CACHE_T and prev is not None:
+            tail = torch.cat([prev[:, :, -1:], tail], 2)
+        cache.put(self, tail)
+        return prev
+
+    def _padded(self, x: Tensor, prev: Tensor | None) -> Tensor:
+        """[zeros, prev, x] in time, zero-padded in space: the official ``F.pad(cat([prev, x]))``
+        written into one buffer, so no concatenated copy lives beside it during the convolution."""
+        w, _, h, _, past, _ = self._pad
+        if prev is not None and past > 0:
+            prev = prev[:, :, -past:]
+        else:
+            prev = None  # no past frames to fill (a 1-tap conv), as official
+        if not (w or h or past):
+            return x.contiguous()
+        b, c, t, height, width = x.shape
+        out = x.new_zeros(b, c, past + t, height + 2 * h, width + 2 * w)
+        rows, cols = slice(h, h + height), slice(w, w + width)
+        if prev is not None:
+            out[:, :, past - prev.shape[2]:past, rows, cols] = prev
+        out[:, :, past:, rows, cols] = x
+        return out
 
 
 class RMSNorm(nn.Module):
@@ -200,7 +235,8 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * (3 if video else 2)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        # in place on normalize's fresh result: one temporary instead of three (same products)
+        return F.normalize(x, dim=1).mul_(self.scale).mul_(self.gamma)
 
 
 class ResidualBlock(nn.Module, Causal):
@@ -208,15 +244,17 @@ class ResidualBlock(nn.Module, Causal):
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.residual = nn.Sequential(
-            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
-            RMSNorm(out_dim), nn.SiLU(),
+        self.residual = nn.Sequential(  # SiLU in place: it always follows a norm's fresh output
+            RMSNorm(in_dim), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim), nn.SiLU(inplace=True),
             nn.Identity(),  # official Dropout(0): keeps the second conv at index 6
             CausalConv3d(out_dim, out_dim, 3, padding=1))
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
-        return run(self.residual, x, cache) + self.shortcut(x)
+        out = run(self.residual, x, cache)
+        out += self.shortcut(x)  # in place: no third block-sized tensor beside the two summands
+        return out
 
 
 class AttentionBlock(nn.Module):
@@ -229,7 +267,9 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return per_frame(self._attend, x) + x
+        out = per_frame(self._attend, x)
+        out += x
+        return out
 
     def _attend(self, y: Tensor) -> Tensor:
         # Tensor layouts as official: other strides pick other kernels and round differently.
@@ -239,10 +279,13 @@ class AttentionBlock(nn.Module):
 
 
 class Upsample2x(nn.Module):
-    """Nearest-neighbour 2x in space, computed in float32 (bfloat16 lacks the kernel)."""
+    """Nearest-neighbour 2x in space: every pixel repeated 2x2, which is what the official
+    ``nearest-exact`` interpolation does at scale 2. One copy in the input's dtype, where the
+    official float32 round trip (for bfloat16) makes three."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest-exact").type_as(x)
+        n, c, h, w = x.shape
+        return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
 class Resample(nn.Module, Causal):
@@ -269,15 +312,35 @@ class Resample(nn.Module, Causal):
             raise ValueError(f"unknown resample mode {mode!r}")
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        return self.consume([x], cache)
+
+    def consume(self, box: list[Tensor], cache: FeatureCache) -> Tensor:
+        """``forward(box.pop(), cache)``; each intermediate is dropped as soon as the next
+        exists (see ``CausalConv3d.consume``)."""
+        x = box.pop()
         if self.mode == "upsample3d" and not cache.first:
-            # One conv yields two frames per input frame, interleaved in time.
-            x = rearrange(self.time_conv(x, cache), "b (two c) t h w -> b c (t two) h w", two=2)
-        x = per_frame(self.resample, x)
+            # One conv yields two frames per input frame, interleaved in time; they go straight
+            # to the per-frame layout (one copy, not two).
+            box.append(x)
+            del x
+            frames = self.time_conv.consume(box, cache)
+            t = 2 * frames.shape[2]
+            frames = rearrange(frames, "b (two c) t h w -> (b t two) c h w", two=2)
+        else:
+            t = x.shape[2]
+            frames = rearrange(x, "b c t h w -> (b t) c h w")
+            del x
+        for layer in self.resample:
+            frames = layer(frames)
+        x = rearrange(frames, "(b t) c h w -> b c t h w", t=t)
+        del frames
         if self.mode == "downsample3d":
             prev = cache.get(self.time_conv)
             cache.put(self.time_conv, x[:, :, -1:].clone())
             if prev is not None:  # the first frame passes alone
-                x = self.time_conv(torch.cat([prev, x], 2))
+                box.append(torch.cat([prev, x], 2))
+                del x
+                x = self.time_conv.consume(box)
         return x
 
 
@@ -291,7 +354,7 @@ def middle_block(dim: int) -> nn.Sequential:
 
 
 def head_block(dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(RMSNorm(dim), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
+    return nn.Sequential(RMSNorm(dim), nn.SiLU(inplace=True), CausalConv3d(dim, out_dim, 3, padding=1))
 
 
 class Encoder3d(nn.Module, Causal):
@@ -386,23 +449,40 @@ class WanVAE(nn.Module):
         return self._decode_frames(self._from_latent(latent), cache)
 
     @torch.no_grad()
-    def encode(self, video: Tensor) -> Tensor:
-        """[B, 3, 1+4n, H, W] in [-1, 1] -> normalised latent [B, z_dim, 1+n, H/s, W/s]."""
+    def encode(self, video: Tensor, chunk: int = ENCODE_CHUNK,
+               on_chunk: Callable[[], None] | None = None) -> Tensor:
+        """[B, 3, 1+4n, H, W] in [-1, 1] -> normalised latent [B, z_dim, 1+n, H/s, W/s].
+
+        The first frame goes alone, then ``chunk`` frames at a time (a multiple of 4; official:
+        4), each moved to the weights' device as it goes; ``on_chunk`` runs after each.
+        """
         frames = video.shape[2]
         if (frames - 1) % ENCODE_CHUNK:
             raise ValueError(f"Wan VAE encodes 4n+1 frames (1, 5, 9, ..., 81); got {frames}")
         cache = FeatureCache()
+        features = []
+        for s in time_chunks(frames, chunk):
+            features.append(self._encode_frames(video[:, :, s], cache))
+            if on_chunk is not None:
+                on_chunk()
         # conv1 over the whole sequence as official (per chunk differs only by rounding)
-        return self._to_latent(torch.cat([self._encode_frames(video[:, :, s], cache)
-                                          for s in time_chunks(frames, ENCODE_CHUNK)], 2))
+        return self._to_latent(torch.cat(features, 2))
 
     @torch.no_grad()
-    def decode(self, latent: Tensor) -> Tensor:
-        """Normalised latent [B, z_dim, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] in [-1, 1]."""
+    def decode(self, latent: Tensor, chunk: int = 1) -> Tensor:
+        """Normalised latent [B, z_dim, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] in [-1, 1];
+        the first latent frame alone, then ``chunk`` at a time (official: 1)."""
+        return torch.cat(list(self.decode_stream(latent, chunk)), 2).clamp_(-1, 1)
+
+    @torch.no_grad()
+    def decode_stream(self, latent: Tensor, chunk: int = 1) -> Iterator[Tensor]:
+        """``decode``'s video chunk by chunk, not clamped (tiles blend first): 1 frame for the
+        first latent frame, then 4 per latent frame, ``chunk`` latent frames at a time. The
+        latent goes to the weights' device whole (it is small), frames leave as they come."""
         x = self._from_latent(latent)
         cache = FeatureCache()
-        return torch.cat([self._decode_frames(x[:, :, s], cache)
-                          for s in time_chunks(x.shape[2], 1)], 2).clamp_(-1, 1)
+        for s in time_chunks(x.shape[2], chunk):
+            yield self._decode_frames(x[:, :, s], cache)
 
     def _encode_frames(self, video: Tensor, cache: FeatureCache) -> Tensor:
         n = video.shape[2]
@@ -433,109 +513,3 @@ class WanVAE(nn.Module):
         out = unpatchify(self.decoder(x, cache), self.config.patch_size)
         cache.chunks += 1
         return out.float()
-
-
-def build_vae(config: VAEConfig) -> WanVAE:
-    """The model for a config (weights uninitialised as torch leaves them; build under
-    ``torch.device('meta')`` and ``load_state_dict(..., assign=True)`` to load without copies)."""
-    # Imported here: those modules import this one.
-    from .vae21 import WanVAE21
-    from .vae22 import WanVAE22
-    return (WanVAE21 if isinstance(config, Wan21VAEConfig) else WanVAE22)(config)
-
-
-# ----------------------------------------------------------------------------- detection
-
-_ANCHOR = "encoder.conv1.weight"
-_REQUIRED = (_ANCHOR, "decoder.conv1.weight", "conv1.weight", "conv2.weight")
-_TOP_LEVEL = ("encoder", "decoder", "conv1", "conv2")
-
-
-def find_vae_prefix(keys: Iterable[str]) -> str:
-    """The prefix (``''``, ``'vae.'``, ``'first_stage_model.'``, ...) under which a Wan VAE's keys
-    sit; ValueError if the keys are not a Wan VAE in the official layout."""
-    keys = set(keys)
-    for key in sorted(keys, key=len):
-        prefix = key[: -len(_ANCHOR)]
-        if key.endswith(_ANCHOR) and (prefix == "" or prefix.endswith(".")) \
-                and all(prefix + k in keys for k in _REQUIRED):
-            return prefix
-    sample = ", ".join(sorted(keys)[:4]) or "no keys"
-    hint = ""
-    if any(k.endswith("mid_block.resnets.0.norm1.gamma") for k in keys):
-        hint = (" These look like diffusers names (encoder.conv_in.*); use the original-layout "
-                "file instead, e.g. Comfy-Org's wan_2.1_vae.safetensors / wan2.2_vae.safetensors.")
-    raise ValueError(f"not a Wan VAE: expected the official key layout ({', '.join(_REQUIRED)}, "
-                     f"optionally under a prefix such as 'vae.'), found {sample}, ...{hint}")
-
-
-def _level_stages(shapes: Mapping[str, tuple], base: str) -> list[tuple[int, bool | None]]:
-    """(output width, temporal flag or None if no resample) of each flat stage under ``base``."""
-    stages, k = [], 0
-    while any(key.startswith(f"{base}.{k}.") for key in shapes):
-        if f"{base}.{k}.residual.2.weight" in shapes:
-            stages.append((shapes[f"{base}.{k}.residual.2.weight"][0], None))
-        elif f"{base}.{k}.resample.1.weight" in shapes:
-            stages.append((0, f"{base}.{k}.time_conv.weight" in shapes))
-        k += 1
-    return stages
-
-
-def detect_vae_config(shapes: Mapping[str, tuple]) -> VAEConfig:
-    """Tell the Wan VAE version and architecture from a state dict's tensor shapes.
-
-    Works for the real models and any scaled-down one; raises ValueError naming what was
-    expected when ``shapes`` is not a Wan 2.1 / 2.2 VAE in the official key layout.
-    """
-    prefix = find_vae_prefix(shapes)
-    s = {k[len(prefix):]: tuple(v) for k, v in shapes.items()
-         if k.startswith(prefix) and k[len(prefix):].split(".")[0] in _TOP_LEVEL}
-    dim, in_ch = s[_ANCHOR][:2]
-    z_dim = s["conv2.weight"][0]
-    levels: list[list[tuple[int, bool | None]]] = []
-    if in_ch == 3:  # 2.1: one flat list, each level = residual blocks then a Resample
-        stages, level = _level_stages(s, "encoder.downsamples"), []
-        for width, temporal in stages:
-            level.append((width, temporal))
-            if temporal is not None:
-                levels.append(level)
-                level = []
-        levels.append(level)
-    elif in_ch == 12:  # 2.2: one Down_ResidualBlock per level
-        i = 0
-        while f"encoder.downsamples.{i}.downsamples.0.residual.2.weight" in s:
-            levels.append(_level_stages(s, f"encoder.downsamples.{i}.downsamples"))
-            i += 1
-    else:
-        raise ValueError(f"not a Wan 2.1 / 2.2 VAE: encoder.conv1 takes {in_ch} channels, "
-                         "expected 3 (Wan 2.1: RGB) or 12 (Wan 2.2: 2x2-patched RGB)")
-    try:
-        num_res_blocks = sum(t is None for _, t in levels[0])
-        kwargs = dict(dim=dim, z_dim=z_dim, num_res_blocks=num_res_blocks,
-                      dim_mult=tuple(lv[num_res_blocks - 1][0] // dim for lv in levels),
-                      temperal_downsample=tuple(bool(lv[-1][1]) for lv in levels[:-1]))
-        if in_ch == 3:
-            config: VAEConfig = Wan21VAEConfig(**kwargs)
-        else:
-            dec_dim = s["decoder.conv1.weight"][0] // kwargs["dim_mult"][-1]
-            config = Wan22VAEConfig(**kwargs, dec_dim=dec_dim)
-    except (IndexError, ValueError) as err:
-        raise ValueError(f"not a Wan VAE with a consistent layout: {err}") from err
-    _verify(config, s)
-    return config
-
-
-def _verify(config: VAEConfig, shapes: Mapping[str, tuple]) -> None:
-    """Build the detected architecture on the meta device and check every key and shape."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_vae(config).state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
-    if missing or unexpected or wrong:
-        desc = {f.name: getattr(config, f.name) for f in fields(config)}
-        problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                    for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                       ("wrong shape", wrong)) if keys]
-        raise ValueError(f"keys look like a Wan {config.version} VAE {desc} but do not match it "
-                         f"({'; '.join(problems)})")
