@@ -38,6 +38,8 @@ CASES = [  # (card GiB, frames, width, height, weights, model)
     # long videos in 81-frame context windows (30 frames of overlap, static), the 161-frame graph's
     (32, 161, 832, 480, f"{FP8}@81", MODEL), (32, 241, 832, 480, f"{FP8}@81", MODEL),
     (16, 161, 832, 480, f"{FP8}@81", MODEL),
+    # 1280x720 decode on small cards: whole frames where they fit, else tiles on the GPU
+    (12, 81, 1280, 720, f"{FP8}@33", MODEL), (8, 81, 1280, 720, f"{FP8}@33", MODEL),
 ]
 
 
@@ -49,6 +51,12 @@ def _import_planner():
     register()
     from wanfit.optim import planner
     return planner
+
+
+def _vae(plan) -> str:
+    vae = next(e for e in plan.encoders if e.name == "VAE")
+    where = "GPU" if vae.device == "gpu" else "CPU"
+    return f"{where}, {vae.tiling.split(',')[0] if vae.tiling else 'whole frames'}"
 
 
 def _windows(frames: int):
@@ -102,8 +110,10 @@ def main() -> None:
         cfg = "batched" if plan.batch == 2 else "sequential" if plan.passes == 2 else "single"
         rows.append((f"{card} GB", "TI2V-5B " * (model == TI2V) + f"{frames}f {width}x{height}", plan.weights, f"{plan.budget / gib:.1f}",
                      f"{plan.resident}/{plan.swapped}/{plan.prefetch}", cfg, f"{plan.activations.peak / gib:.1f}",
-                     f"{plan.sampling_vram / gib:.1f}", f"{plan.peak_vram / gib:.1f}", f"{plan.peak_host / gib:.1f}"))
-    header = ("card", "job", "weights", "budget", "res/swap/pf", "cfg", "act", "sampling", "peak VRAM", "peak host")
+                     f"{plan.sampling_vram / gib:.1f}", f"{plan.peak_vram / gib:.1f}", f"{plan.peak_host / gib:.1f}",
+                     _vae(plan)))
+    header = ("card", "job", "weights", "budget", "res/swap/pf", "cfg", "act", "sampling", "peak VRAM", "peak host",
+              "VAE stage")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))

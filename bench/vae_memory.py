@@ -12,8 +12,8 @@ the peak bytes of tensors each call allocates above the weights and inputs
   what a tiled VAE's ``temporal_size`` 9 asks for (``--chunked``).
 
 Both are divided by width x height x 4 (float32): bytes per output pixel per byte of the
-compute dtype, the unit of ``tiling.WORK_PER_PIXEL`` (and of ``planner._VAE_PER_PIXEL``). The planner adds its
-``_VAE_HEADROOM`` on top for what the CPU allocator does not see on a GPU (cuDNN workspaces,
+compute dtype, the unit of ``tiling.WORK_PER_PIXEL`` (which the planner and the VAE stages
+use). ``tiling.WORK_HEADROOM`` goes on top for what the CPU allocator does not see on a GPU (cuDNN workspaces,
 caching-allocator slack); that factor has not been measured on a GPU yet.
 
 The last line of stdout is a JSON object with every figure and the planner's constants.
@@ -75,20 +75,18 @@ def main() -> None:
     parser.add_argument("--chunked", action="store_true", help="also 2 latent frames per chunk")
     args = parser.parse_args()
     _import_pack()
-    from wanfit.optim import planner, tiling
+    from wanfit.optim import tiling
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     report = {"width": args.width, "height": args.height, "unit": "bytes per output pixel per dtype byte",
               "headroom": tiling.WORK_HEADROOM, "versions": {}}
     for version in args.versions.split(","):
         measured = measure(version, args.width, args.height, args.chunked)
-        encode, decode = planner._VAE_PER_PIXEL[version]
-        measured["planner"] = {"encode": encode, "decode": decode}
         measured["tiling"] = {stage: tiling.WORK_PER_PIXEL[version, stage] for stage in ("encode", "decode")}
         report["versions"][version] = measured
         figures = ", ".join(f"{name} {m['per_pixel']:.0f}" for name, m in measured.items() if "per_pixel" in m)
         print(f"Wan {version} VAE at {args.width}x{args.height}: {figures} B/px per dtype byte "
-              f"(tiling: {measured['tiling']}; planner: decode {decode}, encode {encode}; "
+              f"(budgeted, tiling.WORK_PER_PIXEL: {measured['tiling']}, "
               f"x{tiling.WORK_HEADROOM} headroom)")
     print(json.dumps(report))
 

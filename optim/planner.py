@@ -44,7 +44,7 @@ from ..wan.model import PRESETS, HostInputs, WanConfig, WanModel
 from ..wan.t5 import TEXT_LEN, UMT5_XXL, UMT5Encoder
 from ..wan.vae import build_vae
 from ..wan.vae_common import WAN21_VAE, WAN22_VAE, VAEConfig
-from . import fp8, memtrace
+from . import fp8, memtrace, tiling
 from .loading import DTYPES, WEIGHT_FORMATS, t5_block_linear
 from .memtrace import Live
 from .offload import BlockLayout, state_tensors
@@ -53,14 +53,7 @@ GIB = 2**30
 DEFAULT_RESERVE = int(1.5 * GIB)  # CUDA context, cuBLAS workspaces, a desktop, allocator slack
 ACTIVATION_MARGIN = 0.10  # of the activation peak: caching-allocator fragmentation
 ATTENTION = ("sdpa", "flash_attn", "sageattention", "math")
-# VAE working memory per pixel of one frame (times the dtype size): ComfyUI's figures for
-# the Wan VAEs (comfy/sd.py memory_used_encode / memory_used_decode), not measured here.
-# VAE working memory, bytes per output pixel per byte of the compute dtype, (encode, decode):
-# the tensors of the full-size VAEs, measured by bench/vae_memory.py (the most over 256x128
-# and 512x256; ComfyUI's own estimates are 1.3-1.6x these). The headroom is for what a GPU
-# adds (cuDNN workspaces, caching-allocator slack); it is a guess until measured on one.
-_VAE_PER_PIXEL = {"2.1": (4600, 5500), "2.2": (2100, 5900)}
-_VAE_HEADROOM = 1.15
+# The VAE stage's working memory per pixel is optim/tiling's (measured by bench/vae_memory.py).
 
 
 def _gib(nbytes: float) -> str:
@@ -450,6 +443,7 @@ class EncoderPlan:
     weight_bytes: int
     work_bytes: int  # working memory of the stage
     device: str  # "gpu" or "cpu"
+    tiling: str | None = None  # the VAE's tiles when whole frames would not fit, in words
 
     @property
     def total(self) -> int:
@@ -537,7 +531,8 @@ class MemoryPlan:
         for e in self.encoders:
             if e.name == "VAE":
                 where = "on the GPU once the DiT has left it" if e.device == "gpu" else "on the CPU"
-                text.append(f"The VAE ({_gib(e.weight_bytes)}) decodes {where}.")
+                tiles = f" in {e.tiling} (whole frames would not fit)" if e.tiling else ""
+                text.append(f"The VAE ({_gib(e.weight_bytes)}) decodes {where}{tiles}.")
             else:
                 where = "on the GPU and leaves it" if e.device == "gpu" else "on the CPU"
                 text.append(f"{e.name} ({_gib(e.weight_bytes)}) runs {where} before sampling.")
@@ -589,8 +584,8 @@ def _device_blocks(n: int, swapped: int, prefetch: int) -> int:
 def encoder_work(kind: str, width: int = 0, height: int = 0, vae_dtype: torch.dtype = torch.bfloat16,
                  encode: bool = False) -> int:
     """Working memory of one encoder stage: UMT5-XXL ("t5") on 2 prompts, CLIP ViT-H ("clip")
-    on one image, or a Wan VAE ("2.1", "2.2") decoding (``encode``: encoding) width x height
-    frames in ``vae_dtype``."""
+    on one image, or a Wan VAE ("2.1", "2.2") decoding (``encode``: encoding) whole width x
+    height frames in ``vae_dtype`` (``tiling.work_bytes``)."""
     if kind == "t5":
         # attention scores and position bias in float32, the gated FFN in bf16 (an estimate;
         # small next to the weights)
@@ -599,8 +594,8 @@ def encoder_work(kind: str, width: int = 0, height: int = 0, vae_dtype: torch.dt
     if kind == "clip":
         v, tokens = VIT_H_14, VIT_H_14.num_tokens
         return 3 * v.num_heads * tokens**2 * 4 + 4 * tokens * v.mlp_dim * 2
-    per_pixel = _VAE_PER_PIXEL[kind][0 if encode else 1] * _VAE_HEADROOM
-    return int(per_pixel * vae_dtype.itemsize * width * height)
+    vae = WAN21_VAE if kind == "2.1" else WAN22_VAE
+    return tiling.work_bytes(vae, tiling.AUTO.whole(width, height), width, height, vae_dtype, encode)
 
 
 def encoder_stage(name: str, weight_bytes: int, work_bytes: int, budget: int) -> EncoderPlan:
@@ -615,10 +610,20 @@ def _place_encoders(config: WanConfig, budget: int, t5_weights: str, vae_dtype: 
     plans = [encoder_stage("T5", encoder_bytes("t5", t5_weights), encoder_work("t5"), budget)]
     if config.clip:
         plans.append(encoder_stage("CLIP", encoder_bytes("clip", "fp16"), encoder_work("clip"), budget))
-    vae = vae_config(config).version
-    work = max(encoder_work(vae, width, height, vae_dtype, encode=e) for e in {False, image})
+    vae = vae_config(config)
     storage = {torch.float32: "fp32", torch.float16: "fp16"}.get(vae_dtype, "bf16")
-    plans.append(encoder_stage("VAE", encoder_bytes(vae, storage), work, budget))
+    weights = encoder_bytes(vae.version, storage)
+    stages = []  # (work, tiling words) for decode and, with an image, encode: as tiling.choose_tiling picks
+    for encode in {False, image}:
+        chosen = tiling.choose_tiling(vae, width, height, vae_dtype, budget - weights, encode=encode)
+        if chosen is None:  # not even the smallest tiles fit: the CPU, whole frames
+            stages.append((encoder_work(vae.version, width, height, vae_dtype, encode), None, False))
+        else:
+            tiled = chosen.grid(vae, width, height) != (1, 1)
+            stages.append((tiling.work_bytes(vae, chosen, width, height, vae_dtype, encode),
+                           chosen.describe(vae, width, height) if tiled else None, True))
+    work, words, fits = max(stages, key=lambda stage: stage[0])
+    plans.append(EncoderPlan("VAE", weights, work, "gpu" if all(f for _, _, f in stages) else "cpu", words))
     return tuple(plans)
 
 

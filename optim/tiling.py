@@ -51,6 +51,10 @@ WORK_PER_PIXEL: dict[tuple[str, str], tuple[int, int]] = {
     ("2.2", "decode"): (4300, 1450), ("2.2", "encode"): (1650, 700),
 }
 WORK_HEADROOM = 1.15
+# Below 256x128 pixels the per-pixel figures stop holding: the zero-padded borders of every
+# convolution weigh more (at 128x64 up to 1.32x, Wan 2.1 encode: 4443 against 3360 at 256x128,
+# bench/vae_memory.py). A tile or frame is budgeted as at least this many pixels.
+MIN_BUDGET_PIXELS = 256 * 128
 
 
 def check_options(tile_size: int, overlap: int, temporal_size: int, temporal_overlap: int) -> str | None:
@@ -167,10 +171,11 @@ AUTO = TilingOptions()
 def work_bytes(config: VAEConfig, tiling: Tiling, width: int, height: int, dtype: torch.dtype,
                encode: bool = False) -> int:
     """Device working memory of a VAE stage over width x height frames with ``tiling``: one
-    tile's activations and feature cache, in ``dtype``, with WORK_HEADROOM."""
+    tile's activations and feature cache, in ``dtype``, with WORK_HEADROOM (a tile of at
+    least MIN_BUDGET_PIXELS)."""
     first, extra = WORK_PER_PIXEL[config.version, "encode" if encode else "decode"]
     per_pixel = (first + extra * (tiling.chunk_latents - 1)) * WORK_HEADROOM
-    return int(per_pixel * dtype.itemsize * tiling.tile_pixels(width, height))
+    return int(per_pixel * dtype.itemsize * max(tiling.tile_pixels(width, height), MIN_BUDGET_PIXELS))
 
 
 def choose_tiling(config: VAEConfig, width: int, height: int, dtype: torch.dtype, free_bytes: int, *,

@@ -19,7 +19,7 @@ def _plans(*args: str) -> dict:
 def test_plans_for_the_issue_cases():
     plans = _plans()
     fp8 = "fp8_e4m3fn_scaled"
-    assert len(plans) == 20 and not any("error" in p for p in plans.values())
+    assert len(plans) == 22 and not any("error" in p for p in plans.values())
     # 161 / 241 frames in 81-frame windows: the activations of one window, every block resident
     for frames, windows in ((161, 3), (241, 5)):
         long = plans[32, frames, 832, fp8]
@@ -41,6 +41,10 @@ def test_plans_for_the_issue_cases():
     # 121 frames at 1280x704 stay resident on 16 GB and batch cond / uncond on 24 GB
     assert plans[16, 121, 1280, "fp16"]["swapped"] == 0
     assert plans[24, 121, 1280, "fp16"]["batch"] == 2
+    # 1280x720 decode: whole frames on the GPU where they fit (12 GB), tiles where not (8 GB)
+    vaes = [next(e for e in plans[card, 81, 1280, fp8]["encoders"] if e["name"] == "VAE") for card in (12, 8)]
+    assert [(v["device"], v["tiling"] is None) for v in vaes] == [("gpu", True), ("gpu", False)]
+    assert vaes[1]["work_bytes"] < vaes[0]["work_bytes"]
     for plan in plans.values():
         assert plan["peak_vram"] <= plan["budget"]
         t5 = next(e for e in plan["encoders"] if e["name"] == "T5")
