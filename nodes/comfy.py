@@ -7,6 +7,8 @@ Folder names changed in 2025: ``diffusion_models`` was ``unet`` and ``text_encod
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from contextlib import contextmanager
 
 FOLDER_ALIASES = {
     "diffusion_models": ("diffusion_models", "unet"),
@@ -126,6 +128,18 @@ def throw_if_interrupted() -> None:
     import comfy.model_management as mm
 
     mm.throw_exception_if_processing_interrupted()
+
+
+@contextmanager
+def cancellable_layers(layers: Iterable):
+    """Cancel honoured between ``layers`` (an encoder's blocks, torch modules): each checks for an interrupt
+    before it runs, so a long encode stops within one layer."""
+    hooks = [layer.register_forward_pre_hook(lambda *_: throw_if_interrupted()) for layer in layers]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def progress_bar(total: int):

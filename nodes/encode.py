@@ -65,7 +65,7 @@ def _run_t5(ckpt: Checkpoint, prompts: list[str], dtype: torch.dtype, device: to
     else:
         encoder, tokenizer = loading.load_text_encoder(ckpt, dtype, device)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), comfy.cancellable_layers(encoder.blocks):
             ids, mask = tokenizer(prompts)
             context, _ = encoder.encode_padded(ids.to(device), mask.to(device))
             return context.float().cpu()
@@ -231,7 +231,7 @@ class WanFitImageToVideoEncode:
             encoder = loading.load_clip_vision(clip_vision, default_dtype(device), device)
             try:
                 images = [start_image[:1]] + ([end_image[:1]] if end_image is not None else [])
-                with torch.inference_mode():
+                with torch.inference_mode(), comfy.cancellable_layers(encoder.encoder["layers"]):
                     clip_fea = torch.cat([encoder.encode(i.float()).float().cpu() for i in images], dim=1)
             finally:
                 del encoder

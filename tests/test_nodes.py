@@ -10,7 +10,8 @@ from wanfit.nodes import comfy, decode, encode, load, sample, stages
 from wanfit.nodes.types import SOLVER_STATE_KEY
 
 NAMES = ["wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors",
-         "wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"]
+         "wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors",
+         "clip_vision_h.safetensors"]
 
 
 class _Bar:
@@ -271,3 +272,61 @@ def test_decode_out_of_gpu_memory_reruns_on_the_cpu(monkeypatch):
     monkeypatch.setattr(loading, "load_vae", load_vae)
     assert torch.equal(decode.WanFitVAEDecode().decode(vae, latent)[0], expected)
     assert devices == ["cuda", "cpu"]
+
+
+class _CancelAt:
+    """throw_if_interrupted that counts its calls and raises from call ``at`` on (None: never)."""
+
+    def __init__(self, at=None):
+        self.at, self.calls = at, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.at is not None and self.calls >= self.at:
+            raise KeyboardInterrupt("cancelled")
+
+
+def _text_stage():
+    encode._TEXT_CACHE.clear()
+    return _text()
+
+
+def _clip_stage():
+    vae = load.WanFitVAELoader().load("wan_2.1_vae.safetensors")[0]
+    clip = load.WanFitCLIPVisionLoader().load("clip_vision_h.safetensors")[0]
+    return encode.WanFitImageToVideoEncode().encode(vae, torch.rand(1, 32, 32, 3), 32, 32, 5, clip_vision=clip)[0]
+
+
+def _decode_stage():
+    vae = load.WanFitVAELoader().load("wan_2.1_vae.safetensors")[0]
+    latent = {"samples": torch.randn(1, 16, 4, 4, 4)}  # ComfyUI layout: 4 latent frames, 13 video frames
+    return decode.WanFitVAEDecode().decode(vae, latent)[0]
+
+
+# stage -> (run it, the checks it must make at least: one per encoder layer or VAE chunk)
+_STAGES = {
+    "UMT5 per block": (_text_stage, factory.T5.num_layers),
+    "VAE encode per chunk": (lambda: _image_embeds(frames=9), 3),  # 1 + 4 + 4 frames
+    # the VAE encode's 2 chunks (1 + 4 frames), then CLIP's layers but the last (Wan uses the penultimate)
+    "CLIP per layer": (_clip_stage, 2 + factory.CLIP.num_layers - 1),
+    "VAE decode per chunk": (_decode_stage, 4),
+}
+
+
+@pytest.mark.parametrize("stage", list(_STAGES))
+def test_cancel_is_honoured_inside_every_encoder_stage(monkeypatch, stage):
+    """Cancel is checked between the layers (or chunks) of every stage, not only at its end:
+    an interrupt at the second check stops the stage there, and the next job runs."""
+    run, least = _STAGES[stage]
+    counter = _CancelAt()
+    monkeypatch.setattr(comfy, "throw_if_interrupted", counter)
+    run()
+    assert counter.calls >= least, f"{stage}: {counter.calls} cancel checks"
+    cancel = _CancelAt(at=counter.calls - 1)  # the stage's last check but one: mid-way through
+    monkeypatch.setattr(comfy, "throw_if_interrupted", cancel)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert cancel.calls == counter.calls - 1
+    assert stages._LOADED["model"] is None
+    monkeypatch.setattr(comfy, "throw_if_interrupted", lambda: None)
+    run()  # the next job runs
