@@ -94,7 +94,8 @@ class Monitor:
         self.node_times: dict[str, float] = {}
         self.current: tuple[str, float] | None = None
         self.cached: list[str] = []
-        self.steps = 0
+        self.steps = 0  # sampler steps; the VAE stages report their chunks and tiles too
+        self.stage_progress = 0
         self.previews = 0
         self.done = False
         self.error: str | None = None
@@ -133,8 +134,12 @@ class Monitor:
                 self.current = (node, now)
                 print(f"[{now - self.t0:7.1f} s] {self.label(node)}", flush=True)
         elif event == "progress":
-            self.steps += 1
-            print(f"    step {body.get('value')}/{body.get('max')}", flush=True)
+            sampler = self.prompt.get(body.get("node"), {}).get("class_type") == "WanFitSampler"
+            if sampler:
+                self.steps += 1
+            else:
+                self.stage_progress += 1
+            print(f"    {'step' if sampler else 'part'} {body.get('value')}/{body.get('max')}", flush=True)
         elif event == "executed":
             self._close_node(now)
         elif event in ("execution_error", "execution_interrupted"):
@@ -297,6 +302,7 @@ def main(argv=None) -> int:
                                   "seconds": round(monitor.node_times.get(node, 0.0), 2),
                                   "cached": node in monitor.cached} for node in prompt}
         report["progress_steps"] = monitor.steps
+        report["stage_progress"] = monitor.stage_progress
         report["previews"] = monitor.previews
     except (JobFailed, RuntimeError, TimeoutError, OSError) as err:
         failure = str(err)

@@ -53,6 +53,7 @@ def test_demo_writes_the_video_and_report(demo):
     samplers = [n for n in report["nodes"].values() if n["class_type"] == "WanFitSampler"]
     assert len(samplers) == 2 and all(n["seconds"] > 0 for n in samplers)
     assert report["progress_steps"] == 2  # one step per chained sampler, from ComfyUI's progress events
+    assert report["stage_progress"] >= 1  # the VAE decode reports its chunks
     assert report["previews"] >= 1 and (out / "preview.jpg").stat().st_size > 0
     # one plan and one telemetry line per expert pass, as the sampler nodes logged them
     assert len(report["plan"]) == 2 and all("wan2.2_i2v_" in p for p in report["plan"])
