@@ -17,6 +17,7 @@ from ..wan.checkpoint import Checkpoint
 from . import comfy, stages
 from .decode import vae_progress
 from .load import VAEHandle
+from .pairing import end_image_problem
 from .types import ImageEmbeds, TextEmbeds, default_dtype
 
 CATEGORY = "WanFit/conditioning"
@@ -212,11 +213,11 @@ class WanFitImageToVideoEncode:
         ok = check_size(width, height, frames, unit)
         if ok is not True:
             raise ValueError(f"{ok} (VAE {vae.name}, Wan {vae.config.version})")
+        problem = end_image_problem(frames, end_image is not None, vae.config.version)
+        if problem:
+            raise ValueError(f"{problem} (VAE {vae.name})")
         start = fit_image(start_image, width, height)
         end = None if end_image is None else fit_image(end_image, width, height)
-        if vae.config.version != "2.1" and end is not None:
-            raise ValueError(f"{vae.name} is a Wan 2.2 VAE (TI2V-5B), which takes a start image only; "
-                             "disconnect end_image")
         latent = stages.run_vae_stage(f"VAE encode ({vae.name}, {width}x{height})", vae, width, height, True,
                                       tiling or vae_tiling.AUTO, lambda d, t: _vae_encode(vae, start, end, frames, d, t))
         if vae.config.version != "2.1":  # TI2V-5B: the image latent is the first latent frame

@@ -51,7 +51,8 @@ def _config(file) -> WanConfig | None:
         return None
 
 
-def _vae_version(prompt: dict, encode_id: str) -> str | None:
+def vae_version(prompt: dict, encode_id: str) -> str | None:
+    """The Wan VAE version ("2.1" / "2.2") feeding encode node ``encode_id``, when its file is known."""
     from .load import open_verified
 
     loader = graph.upstream(prompt, encode_id, "vae", {}, "WanFitVAELoader")
@@ -75,7 +76,7 @@ def _embeds(prompt: dict, sampler_id: str) -> tuple[bool, str | None, bool, int 
     if kind == "WanFitEmptyEmbeds":
         return True, None, False, width, height
     if kind == "WanFitImageToVideoEncode":
-        version = _vae_version(prompt, embeds_id)
+        version = vae_version(prompt, embeds_id)
         clip = graph.source(prompt, embeds_id, "clip_vision") is not None
         return version is not None, version, clip, width, height
     return None
@@ -98,6 +99,27 @@ def _sampler_check(inputs: tuple[str, ...]):
                     return found
         return None
     return check
+
+
+def end_image_problem(frames: int | None, end_image: bool, vae: str | None) -> str | None:
+    """What is wrong with an end image on an Image-to-Video Encode of ``frames`` through the Wan
+    ``vae`` ("2.1" / "2.2", None when unknown), or None."""
+    if not end_image:
+        return None
+    if vae == "2.2":
+        return ("the Wan 2.2 VAE (TI2V-5B) takes a start image only; disconnect end_image "
+                "(first-last-frame needs an A14B or Wan 2.1 model with the Wan 2.1 VAE)")
+    if frames is not None and frames < 5:
+        return (f"frames {frames}: a video with an end_image needs at least 5 frames (the start frame, "
+                "4 between, the end frame); raise frames or disconnect end_image")
+    return None
+
+
+@graph.register("WanFitImageToVideoEncode")
+def _encode_check(prompt: dict, node_id: str) -> str | None:
+    frames = graph.literal(graph.node(prompt, node_id), "frames")
+    return end_image_problem(frames if isinstance(frames, int) else None,
+                             graph.source(prompt, node_id, "end_image") is not None, vae_version(prompt, node_id))
 
 
 graph.register("WanFitSampler")(_sampler_check(("model",)))

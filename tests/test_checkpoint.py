@@ -86,7 +86,7 @@ def _raw_file(path, header, data: bytes = b"") -> None:
 GOOD = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
 BROKEN_HEADERS = {
     "not an object": ({"a": 5}, 16, r"tensor 'a' is not an object"),
-    "no dtype": ({"a": {"shape": [2, 2], "data_offsets": [0, 16]}}, 16, r"tensor 'a' has unknown dtype None"),
+    "no dtype": ({"a": {"shape": [2, 2], "data_offsets": [0, 16]}}, 16, r"tensor 'a' has no dtype"),
     "unknown dtype": ({"a": dict(GOOD, dtype="Q4")}, 16, r"tensor 'a' has unknown dtype 'Q4'"),
     "shape of strings": ({"a": dict(GOOD, shape=["2", 2])}, 16, r"tensor 'a' has shape \['2', 2\]"),
     "negative dim": ({"a": dict(GOOD, shape=[-2, -2])}, 16, r"tensor 'a' has shape \[-2, -2\]"),

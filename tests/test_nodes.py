@@ -330,3 +330,18 @@ def test_cancel_is_honoured_inside_every_encoder_stage(monkeypatch, stage):
     assert stages._LOADED["model"] is None
     monkeypatch.setattr(comfy, "throw_if_interrupted", lambda: None)
     run()  # the next job runs
+
+
+def test_end_image_rules_hold_when_the_node_runs(models, tmp_path, monkeypatch):
+    """The /prompt checks (frames >= 5 with an end image; none with the Wan 2.2 VAE) run again
+    in the node, before the VAE loads, for graphs that never went through /prompt."""
+    vae = load.WanFitVAELoader().load("wan_2.1_vae.safetensors")[0]
+    image = torch.rand(1, 32, 32, 3)
+    with pytest.raises(ValueError, match="frames 1: a video with an end_image needs at least 5 frames"):
+        encode.WanFitImageToVideoEncode().encode(vae, image, 32, 32, 1, end_image=image)
+    assert encode.WanFitImageToVideoEncode().encode(vae, image, 32, 32, 1)[0].y.shape[2] == 1  # one frame alone is fine
+    extra = factory.write_models(tmp_path, ["wan2.2_vae.safetensors"])
+    monkeypatch.setattr(comfy, "model_path", lambda kind, name: str({**models, **extra}[name]))
+    vae22 = load.WanFitVAELoader().load("wan2.2_vae.safetensors")[0]
+    with pytest.raises(ValueError, match="takes a start image only"):
+        encode.WanFitImageToVideoEncode().encode(vae22, image, 32, 32, 5, end_image=image)

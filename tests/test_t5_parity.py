@@ -329,7 +329,7 @@ def test_every_tensor_shape_is_checked_from_the_header():
     shapes = {k: tuple(v.shape) for k, v in factory._t5().items()}
     assert verify_t5(shapes, "umt5.safetensors") == factory.T5
     shapes["encoder.block.1.layer.1.DenseReluDense.wi_0.weight"] = (128, 60)
-    with pytest.raises(CheckpointError, match=r"^umt5\.safetensors: tensor blocks\.1\.ffn\.gate\.0\.weight has shape "
+    with pytest.raises(CheckpointError, match=r"^umt5\.safetensors: tensor encoder\.block\.1\.layer\.1\.DenseReluDense\.wi_0\.weight has shape "
                                               r"\[128, 60\], but a UMT5 encoder \(2 layers, width 64\) needs \[128, 64\]"):
         verify_t5(shapes, "umt5.safetensors")
 

@@ -145,6 +145,8 @@ def _check_entries(name: str, header: dict, data_size: int) -> None:
         if not isinstance(info, dict):
             raise broken("is not an object with dtype, shape and data_offsets")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype is None:
+            raise broken("has no dtype")
         if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
             raise broken(f"has unknown dtype {dtype!r} (known: {', '.join(_SAFETENSORS_DTYPES)})")
         if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
@@ -172,10 +174,11 @@ def _check_entries(name: str, header: dict, data_size: int) -> None:
 
 
 def check_shapes(name: str, what: str, expected: Mapping[str, Sequence[int]],
-                 found: Mapping[str, Sequence[int]]) -> None:
+                 found: Mapping[str, Sequence[int]], file_keys: Mapping[str, str] | None = None) -> None:
     """Raise CheckpointError naming the file when a tensor ``what`` (e.g. "a Wan2.2 I2V-A14B
     expert") needs is missing from ``found`` or has another shape. Extra tensors are ignored:
-    loaders read only what the model has."""
+    loaders read only what the model has. ``file_keys``: the file's own name of a renamed
+    tensor, which the message gives (a user can find that one in the file)."""
     missing = [k for k in expected if k not in found]
     if missing:
         raise CheckpointError(f"{name}: {what} needs {len(missing)} tensors this file lacks, e.g. "
@@ -184,7 +187,8 @@ def check_shapes(name: str, what: str, expected: Mapping[str, Sequence[int]],
     if wrong:
         k = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise CheckpointError(f"{name}: tensor {k} has shape {list(found[k])}, but {what} needs "
+        key = (file_keys or {}).get(k, k)
+        raise CheckpointError(f"{name}: tensor {key} has shape {list(found[k])}, but {what} needs "
                               f"{list(expected[k])}{more}")
 
 

@@ -311,11 +311,12 @@ def verify_t5(shapes: Mapping[str, Sequence[int]], name: str) -> UMT5Config:
     from .checkpoint import CheckpointError, check_shapes
 
     try:
-        renamed = {new: tuple(shapes[old]) for old, new in t5_key_map(shapes.keys()).items()}
+        names = t5_key_map(shapes.keys())
+        renamed = {new: tuple(shapes[old]) for old, new in names.items()}
         config = detect_t5_config(shapes)
     except ValueError as err:
         raise CheckpointError(f"{name}: {err}") from err
     found = {k: v for k, v in renamed.items() if not k.endswith((".scale_weight", ".scale_input"))}
     check_shapes(name, f"a UMT5 encoder ({config.num_layers} layers, width {config.d_model})",
-                 t5_shapes(config), found)
+                 t5_shapes(config), found, {new: old for old, new in names.items()})
     return config

@@ -110,9 +110,9 @@ def _verify(config: VAEConfig, shapes: Mapping[str, tuple]) -> None:
     unexpected = sorted(set(shapes) - set(expected))
     wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
     if missing or unexpected or wrong:
-        desc = {f.name: getattr(config, f.name) for f in fields(config)}
-        problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                    for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                       ("wrong shape", wrong)) if keys]
-        raise ValueError(f"keys look like a Wan {config.version} VAE {desc} but do not match it "
-                         f"({'; '.join(problems)})")
+        what = f"a Wan {config.version} VAE (dim {config.dim}, z_dim {config.z_dim})"
+        problems = [f"{kind}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                    for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        problems += [f"tensor {k} has shape {list(shapes[k])}, but it needs {list(expected[k])}"
+                     + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else "") for k in wrong[:1]]
+        raise ValueError(f"keys look like {what} but do not match it: {'; '.join(problems)}")
