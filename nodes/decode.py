@@ -61,7 +61,8 @@ class WanFitVAEDecode:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"vae": ("WANFIT_VAE",), "latent": ("LATENT",)},
+        latent = ("LATENT", {"tooltip": "The sampled latent to decode into frames (a WanFit Sampler's output)."})
+        return {"required": {"vae": ("WANFIT_VAE",), "latent": latent},
                 "optional": {"tiling": ("WANFIT_VAE_TILING",)}}
 
     def decode(self, vae: VAEHandle, latent: dict, tiling: TilingOptions | None = None):

@@ -143,6 +143,9 @@ def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch
     swapped = plan.swapped if s.blocks_to_swap < 0 else min(s.blocks_to_swap, handle.config.num_layers)
     swap = SwapSettings(swapped if device.type == "cuda" else 0, plan.prefetch, s.pin_memory, s.offload_embeddings)
     text = plan.explain()
+    if device.type != "cuda":  # a preview: say so, and what it assumes the card has
+        text = (f"Preview for a GPU with {s.budget_gb:g} GiB to spend (this job runs on {device.type}, where "
+                "nothing below applies): the GPU's kernels, UMT5-XXL and the Wan VAE at their full sizes. " + text)
     if active:
         text += f" Context windows: {windows.describe(frames)}."
     if swapped != plan.swapped:

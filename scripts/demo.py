@@ -33,7 +33,37 @@ import build  # noqa: E402  (workflows/build.py)
 from comfy_server import ComfyServer, EventStream, find_comfyui  # noqa: E402
 
 WORKFLOW = "wan22_i2v_a14b_81f_32gb"
-TINY = {"width": 112, "height": 64, "steps": 4}  # the embedded models: 832x480 aspect, small (CPU minutes)
+TINY_HEIGHT, TINY_STEPS = 64, 4  # the embedded models: the graph's aspect at 64 px high (CPU minutes)
+
+
+def tiny_overrides(shipped: dict) -> dict:
+    """The small size a graph runs at on the embedded models: its aspect, 64 px high, in
+    multiples of what its VAE needs (32 px for TI2V-5B / the Wan 2.2 VAE, else 16)."""
+    size = next(n["inputs"] for n in shipped.values() if n["class_type"] in build.SIZE_NODES)
+    unit = 32 if any("ti2v" in str(n["inputs"].get("file", "")) for n in shipped.values()) else 16
+    width = max(unit, round(size["width"] * TINY_HEIGHT / size["height"] / unit) * unit)
+    return {"width": width, "height": max(unit, TINY_HEIGHT // unit * unit), "steps": TINY_STEPS}
+
+
+def describe(prompt: dict) -> str:
+    """A graph's size, frames and steps in words, e.g. "832x480 x 81 frames, 4 steps with LoRAs"."""
+    size = next((n["inputs"] for n in prompt.values() if n["class_type"] in build.SIZE_NODES), {})
+    steps = sorted({n["inputs"]["steps"] for n in prompt.values() if "Sampler" in n["class_type"]})
+    loras = sum(n["class_type"] == "WanFitLoRA" for n in prompt.values())
+    return (f"{size.get('width')}x{size.get('height')} x {size.get('frames')} frames, "
+            f"{'/'.join(map(str, steps))} steps" + (f" with {loras} LoRAs" if loras else ""))
+
+
+def rename_outputs(prompt: dict, shipped: dict) -> None:
+    """Save nodes' prefixes follow the frames actually run (wanfit_i2v_a14b_81f -> ..._5f)."""
+    frames = next((n["inputs"]["frames"] for n in prompt.values() if n["class_type"] in build.SIZE_NODES), None)
+    before = next((n["inputs"]["frames"] for n in shipped.values() if n["class_type"] in build.SIZE_NODES), None)
+    if frames is None or frames == before:
+        return
+    for node in prompt.values():
+        prefix = node["inputs"].get("filename_prefix")
+        if isinstance(prefix, str):
+            node["inputs"]["filename_prefix"] = prefix.replace(f"_{before}f", f"_{frames}f")
 LOADERS = {"WanFitModelLoader": "file", "WanFitTextEncoderLoader": "file", "WanFitVAELoader": "file",
            "WanFitCLIPVisionLoader": "file", "WanFitLoRA": "lora_name"}  # node -> its file input
 LOG_TAIL = 6000
@@ -228,21 +258,19 @@ def main(argv=None) -> int:
 
     models_env = os.environ.get("MODELS_DIR")
     real = bool(models_env)
-    overrides = {} if real else dict(TINY)
+    overrides = {} if real else tiny_overrides(shipped)
     overrides.update({k: v for k in ("width", "height", "steps", "frames") if (v := getattr(args, k)) is not None})
     prompt = build.resize(shipped, **overrides)
-    size_node = next((n["inputs"] for n in prompt.values() if n["class_type"] in build.SIZE_NODES), {})
-    shape = f"{size_node.get('width')}x{size_node.get('height')}, {size_node.get('frames')} frames"
-    steps = sorted({n["inputs"]["steps"] for n in prompt.values() if "Sampler" in n["class_type"]})
+    rename_outputs(prompt, shipped)
     if real:
         models = Path(models_env).expanduser().resolve()
         print(f"MODELS_DIR={models}: real weights; workflow {args.workflow} "
-              + ("as shipped" if not overrides else f"with overrides {overrides}") + f" ({shape}, {steps} steps)")
+              + ("as shipped" if not overrides else f"with overrides {overrides}") + f" ({describe(prompt)})")
     else:
         models = out / "models"
         print(f"No MODELS_DIR: tiny random models (the embedded default) in {models}; workflow {args.workflow} "
-              f"shrunk to {shape}, {steps} steps (overrides {overrides}; the shipped graph is "
-              f"832x480 x 81 frames, 4 steps with the 4-step LoRAs; set MODELS_DIR to run it on real weights)")
+              f"shrunk to {describe(prompt)} (overrides {overrides}; the shipped graph is "
+              f"{describe(shipped)}; set MODELS_DIR to run it on real weights)")
         sys.path.insert(0, str(ROOT / "tests"))
         from pack import register
 

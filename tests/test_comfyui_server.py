@@ -42,6 +42,9 @@ def test_widgets_carry_tooltips(comfy_server):
                 if widget and not (len(spec) > 1 and spec[1].get("tooltip")):
                     missing.append(f"{name}.{key}")
     assert not missing, missing
+    tip = lambda node, section: info[node]["input"][section]["latent"][1].get("tooltip")  # noqa: E731
+    assert "decode" in tip("WanFitVAEDecode", "required") and tip("WanFitSampler", "optional") != tip(
+        "WanFitVAEDecode", "required")  # the decoder's latent is not the sampler's
 
 
 def test_model_management_has_what_the_adapter_calls():

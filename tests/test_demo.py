@@ -80,3 +80,31 @@ def test_demo_server_was_stopped(demo):
     out, _ = demo
     pid = json.loads((out / "report.json").read_text())["server_pid"]
     assert not os.path.exists(f"/proc/{pid}"), "ComfyUI left running"
+
+
+def _demo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wanfit_demo", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_workflow_gets_valid_demo_defaults_and_its_own_words():
+    """Without MODELS_DIR every bundled graph runs small at sizes its VAE takes (TI2V-5B:
+    multiples of 32), the message names that graph's shipped settings, and the output prefix
+    names the frames actually run."""
+    demo, api = _demo_module(), REPO_ROOT / "workflows" / "api"
+    for path in sorted(api.glob("*.json")):
+        shipped = json.loads(path.read_text())
+        tiny = demo.tiny_overrides(shipped)
+        unit = 32 if "ti2v" in path.name else 16
+        assert tiny["width"] % unit == 0 and tiny["height"] % unit == 0 and tiny["width"] >= tiny["height"], path.name
+        size = next(n["inputs"] for n in shipped.values() if n["class_type"] in demo.build.SIZE_NODES)
+        assert demo.describe(shipped).startswith(f"{size['width']}x{size['height']} x {size['frames']} frames"), path.name
+        small = demo.build.resize(shipped, frames=5, **tiny)
+        demo.rename_outputs(small, shipped)
+        prefixes = [n["inputs"]["filename_prefix"] for n in small.values() if "filename_prefix" in n["inputs"]]
+        assert prefixes and all(f"_{size['frames']}f" not in p for p in prefixes), (path.name, prefixes)
+    assert "with 2 LoRAs" in demo.describe(json.loads((api / "wan22_i2v_a14b_81f_32gb.json").read_text()))

@@ -34,6 +34,8 @@ def test_budget_gives_a_plan_picture_and_it_rides_in_the_latent():
     model, embeds = _model(HIGH), _image_embeds()
     handle, image, text = _plan(model, embeds, budget_gb=0.05)
     assert "resident" in text and "tokens" in text
+    # on the CPU it is a preview of a card, and says so before any GPU figure
+    assert text.startswith("Preview for a GPU with 0.05 GiB") and "runs on cpu" in text.split(":")[0]
     assert image.ndim == 4 and image.shape[-1] == 3 and 0 <= image.min() and image.max() <= 1
     latent = _sample(handle, embeds)
     (plan,) = latent[sample.PLAN_KEY]
