@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--t5", default="fp8_e4m3fn", choices=["fp8_e4m3fn", "bf16"],
                         help="UMT5 weights as kept on the device (the bundled workflows load the fp8 file)")
     parser.add_argument("--no-fp8-matmul", action="store_true", help="GPU without fp8 GEMMs (before RTX 40)")
+    parser.add_argument("--cfg1", action="store_true",
+                        help="cfg 1 (the 4-step LoRA graphs): the positive prompt only, no uncond branch")
     args = parser.parse_args()
     planner = _import_planner()
     gib = planner.GIB
@@ -99,7 +101,7 @@ def main() -> None:
                                        budget="auto", total=card * gib, reserve=int(args.reserve * gib),
                                        host_ram=int(args.host_ram * gib), attention=args.attention,
                                        fp8_matmul=not args.no_fp8_matmul, t5_weights=args.t5, loaded=loaded,
-                                       context_frames=context, windows=windows)
+                                       context_frames=context, windows=windows, guidance=not args.cfg1)
         except planner.PlanError as err:
             print(f"[{card} GB, {frames} frames {width}x{height}, {weights}] {err}\n")
             plans.append({"card_gib": card, "model": model, "frames": frames, "width": width, "height": height,
@@ -118,7 +120,7 @@ def main() -> None:
     for row in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     print("(GiB; res/swap/pf: resident blocks / swapped blocks / prefetch depth)")
-    print(json.dumps({"model": MODEL, "reserve_gib": args.reserve, "t5": args.t5, "plans": plans}))
+    print(json.dumps({"model": MODEL, "reserve_gib": args.reserve, "t5": args.t5, "cfg1": args.cfg1, "plans": plans}))
 
 
 if __name__ == "__main__":

@@ -81,11 +81,8 @@ def build(size: str, device: torch.device, dtype: torch.dtype):
 
 
 def _blocks(model):
-    def run(state, call):
-        for block in model.blocks:
-            state.x = block(state.x, **state.block_kwargs)
-        return state
-    return run
+    """The model's own block loop in the denoiser hook's (state, call) form."""
+    return lambda state, call: model.run_blocks(state)
 
 
 def run_job(model, prompts, latent_shape, steps: int, cache=None, device=torch.device("cpu")):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 from torch import nn
 
-from ..wan.checkpoint import KNOWN_PREFIXES, CheckpointError, classify
+from ..wan.checkpoint import KNOWN_PREFIXES, CheckpointError, HeaderFacts, classify
 from ..wan.detect import detect_dit_config
 from ..wan.model import WanConfig, WanModel
 from ..wan.t5 import UMT5Encoder, detect_t5_config, t5_key_map
@@ -329,11 +329,12 @@ class GGUFTensorInfo:
 
 
 @dataclass
-class GGUFCheckpoint:
+class GGUFCheckpoint(HeaderFacts):
     """A validated GGUF file: header facts only, weights left on disk.
 
     Offers what the pack reads from :class:`~..wan.checkpoint.Checkpoint` (``path``,
-    ``name``, ``family``, ``prefix``, ``tensors``, ``shapes``, ``nbytes``, ``dtypes()``),
+    ``family``, ``prefix``, ``tensors``, and ``HeaderFacts``' ``name``, ``shapes``, ``nbytes``,
+    ``dtypes()``),
     with keys in the pack's layout: original Wan names for a DiT, transformers names
     (``encoder.block.N.layer.0.SelfAttention.q.weight``) for a UMT5 encoder.
     """
@@ -346,25 +347,6 @@ class GGUFCheckpoint:
     metadata: dict[str, object] = field(default_factory=dict)
     file_size: int = 0
     tokenizer_model: bytes | None = field(default=None, repr=False)  # T5: SentencePiece ModelProto
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: v.shape for k, v in self.tensors.items()}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def dtypes(self) -> dict[torch.dtype, int]:
-        """Bytes stored per storage dtype (``torch.uint8`` for all quantised types)."""
-        out: dict[torch.dtype, int] = {}
-        for info in self.tensors.values():
-            out[info.dtype] = out.get(info.dtype, 0) + info.nbytes
-        return out
 
     def qtypes(self) -> dict[str, int]:
         """Bytes stored per ggml type name, e.g. ``{"Q4_K": ..., "F32": ...}``."""

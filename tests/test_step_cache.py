@@ -165,11 +165,8 @@ def _tiny(seed: int = 0, model_type: str = "t2v"):
 
 
 def _blocks(model):
-    def run(state, call):
-        for block in model.blocks:
-            state.x = block(state.x, **state.block_kwargs)
-        return state
-    return run
+    """The model's own block loop in the denoiser hook's (state, call) form."""
+    return lambda state, call: model.run_blocks(state)
 
 
 COND = Conditioning(torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1)))

@@ -54,15 +54,12 @@ class TensorInfo:
     nbytes: int
 
 
-@dataclass
-class Checkpoint:
-    """A validated safetensors file: header facts only, weights left on disk."""
+class HeaderFacts:
+    """What a model file's header tells, for any format whose ``tensors`` map keys to
+    infos with ``shape``, ``dtype`` and ``nbytes`` (safetensors here, GGUF in optim/gguf)."""
 
     path: Path
-    family: str
-    prefix: str
-    tensors: dict[str, TensorInfo]
-    metadata: dict[str, str] = field(default_factory=dict)
+    tensors: Mapping
 
     @property
     def name(self) -> str:
@@ -77,11 +74,23 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def dtypes(self) -> dict[torch.dtype, int]:
-        """Bytes stored per dtype, e.g. to tell an fp8 file from a bf16 one."""
+        """Bytes stored per dtype, e.g. to tell an fp8 file from a bf16 one (GGUF: ``torch.uint8``
+        for all quantised types)."""
         out: dict[torch.dtype, int] = {}
         for info in self.tensors.values():
             out[info.dtype] = out.get(info.dtype, 0) + info.nbytes
         return out
+
+
+@dataclass
+class Checkpoint(HeaderFacts):
+    """A validated safetensors file: header facts only, weights left on disk."""
+
+    path: Path
+    family: str
+    prefix: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (key without prefix, tensor) one at a time from the memory-mapped file."""
@@ -171,6 +180,19 @@ def _check_entries(name: str, header: dict, data_size: int) -> None:
             "download it again")
     if end < data_size:
         raise CheckpointError(f"{name}: broken safetensors file: {data_size - end:,} bytes after its last tensor")
+
+
+def repeated_block_shapes(one_block: torch.nn.Module, num_layers: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor shape of a model with ``num_layers`` blocks, from ``one_block`` (the same
+    model built with one block, e.g. on the meta device): ``blocks.0.*`` repeated per block."""
+    shapes = {}
+    for key, t in one_block.state_dict().items():
+        if key.startswith("blocks.0."):
+            for i in range(num_layers):
+                shapes[f"blocks.{i}.{key[len('blocks.0.'):]}"] = tuple(t.shape)
+        else:
+            shapes[key] = tuple(t.shape)
+    return shapes
 
 
 def check_shapes(name: str, what: str, expected: Mapping[str, Sequence[int]],

@@ -96,16 +96,10 @@ def variant_name(config: WanConfig) -> str:
 def dit_shapes(config: WanConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a DiT of ``config`` has, with its shape (one block built on the meta
     device, its keys repeated for every block)."""
+    from .checkpoint import repeated_block_shapes
+
     with torch.device("meta"):
-        model = WanModel(dataclasses.replace(config, num_layers=1))
-    shapes = {}
-    for key, t in model.state_dict().items():
-        if key.startswith("blocks.0."):
-            for i in range(config.num_layers):
-                shapes[f"blocks.{i}.{key[len('blocks.0.'):]}"] = tuple(t.shape)
-        else:
-            shapes[key] = tuple(t.shape)
-    return shapes
+        return repeated_block_shapes(WanModel(dataclasses.replace(config, num_layers=1)), config.num_layers)
 
 
 def verify_dit(shapes: Mapping[str, Sequence[int]], name: str) -> WanConfig:

@@ -293,16 +293,10 @@ def t5_shapes(config: UMT5Config) -> dict[str, tuple[int, ...]]:
     (one block built on the meta device, repeated for every block)."""
     import dataclasses
 
+    from .checkpoint import repeated_block_shapes
+
     with torch.device("meta"):
-        model = UMT5Encoder(dataclasses.replace(config, num_layers=1))
-    shapes = {}
-    for key, t in model.state_dict().items():
-        if key.startswith("blocks.0."):
-            for i in range(config.num_layers):
-                shapes[f"blocks.{i}.{key[len('blocks.0.'):]}"] = tuple(t.shape)
-        else:
-            shapes[key] = tuple(t.shape)
-    return shapes
+        return repeated_block_shapes(UMT5Encoder(dataclasses.replace(config, num_layers=1)), config.num_layers)
 
 
 def verify_t5(shapes: Mapping[str, Sequence[int]], name: str) -> UMT5Config:
