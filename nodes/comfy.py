@@ -132,8 +132,8 @@ def throw_if_interrupted() -> None:
 
 @contextmanager
 def cancellable_layers(layers: Iterable):
-    """Cancel honoured between ``layers`` (an encoder's blocks, torch modules): each checks for an interrupt
-    before it runs, so a long encode stops within one layer."""
+    """Cancel honoured between ``layers`` (an encoder's blocks, torch modules): each checks
+    for an interrupt before it runs, so a long encode stops within one layer."""
     hooks = [layer.register_forward_pre_hook(lambda *_: throw_if_interrupted()) for layer in layers]
     try:
         yield

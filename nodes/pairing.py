@@ -111,7 +111,7 @@ def end_image_problem(frames: int | None, end_image: bool, vae: str | None) -> s
                 "(first-last-frame needs an A14B or Wan 2.1 model with the Wan 2.1 VAE)")
     if frames is not None and frames < 5:
         return (f"frames {frames}: a video with an end_image needs at least 5 frames (the start frame, "
-                "4 between, the end frame); raise frames or disconnect end_image")
+                "3 or more between, the end frame); raise frames or disconnect end_image")
     return None
 
 
