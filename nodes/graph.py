@@ -6,7 +6,7 @@ VAE feeds an A14B, or that TI2V-5B's frame size is no multiple of 32. ComfyUI ha
 queued prompt to the ``on_prompt`` handlers first (``PromptServer.add_on_prompt_handler``, in
 the 2024 and current ComfyUI alike); :func:`check_prompt` reads the graph there, follows the
 links to the loaders, reads their files' headers (cached) and records each WanFit node's
-problem. The node's ``VALIDATE_INPUTS`` then returns it through the hidden ``unique_id``
+problem. The node's ``VALIDATE_INPUTS`` then returns it through a hidden ``UNIQUE_ID``
 input (``nodes/__init__.py`` adds it to every node), so ComfyUI answers 400 naming the node,
 once. Literal float inputs are checked here too: ComfyUI's min / max tests are false for NaN.
 

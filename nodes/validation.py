@@ -4,9 +4,11 @@ ComfyUI attaches a VALIDATE_INPUTS message to every input the function names (a 
 reading width, height and frames reported its problem three times) and skips its own range
 and list tests for those inputs. So a node's own check runs in ``graph.check_prompt`` on the
 prompt's literal values (links as None, as ComfyUI passes them), together with the
-graph-wide checks, and the node's VALIDATE_INPUTS names only the hidden ``unique_id`` input:
-the problem comes back once, under the node, and ComfyUI keeps checking every widget's
-range and choices itself. The node's own check is kept as ``VALIDATE_OWN``.
+graph-wide checks, and the node's VALIDATE_INPUTS names only one hidden input, ``WanFit``
+(ComfyUI's ``UNIQUE_ID``: hidden inputs are told by their value, so the key is free, and
+ComfyUI prefixes the message with it: "WanFit - frames 80: ..."): the problem comes back
+once, under the node, and ComfyUI keeps checking every widget's range and choices itself.
+The node's own check is kept as ``VALIDATE_OWN``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import functools
 import inspect
 
 from . import graph
+
+HIDDEN = "WanFit"  # the hidden input carrying the node's id to VALIDATE_INPUTS
 
 
 def with_graph_check(cls) -> None:
@@ -25,8 +29,8 @@ def with_graph_check(cls) -> None:
         graph.VALIDATORS[cls.__name__] = own
         graph.VALIDATOR_ARGS[cls.__name__] = tuple(inspect.signature(own).parameters)
 
-    def validate(klass, unique_id=None):
-        return graph.problem(unique_id) or True
+    def validate(klass, WanFit=None):  # noqa: N803 - the hidden input's name, shown before the message
+        return graph.problem(WanFit) or True
 
     cls.VALIDATE_INPUTS = classmethod(validate)
 
@@ -35,14 +39,15 @@ def with_graph_check(cls) -> None:
     @functools.wraps(input_types)
     def with_hidden(klass):
         out = input_types(klass)
-        out.setdefault("hidden", {})["unique_id"] = "UNIQUE_ID"
+        out.setdefault("hidden", {})[HIDDEN] = "UNIQUE_ID"
         return out
 
     cls.INPUT_TYPES = classmethod(with_hidden)
     run = getattr(cls, cls.FUNCTION)
 
     @functools.wraps(run)
-    def without_id(self, *args, unique_id=None, **kwargs):  # ComfyUI passes hidden inputs to the node too
+    def without_id(self, *args, **kwargs):  # ComfyUI passes hidden inputs to the node too
+        kwargs.pop(HIDDEN, None)
         return run(self, *args, **kwargs)
 
     setattr(cls, cls.FUNCTION, without_id)

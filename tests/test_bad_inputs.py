@@ -209,7 +209,7 @@ REFUSED: dict[str, Refused] = {
                             "WanFitTwoPassSampler", ("boundary is nan",)),
     "reserve NaN": Refused(lambda: _with_memory_node(_t2v(), reserve_gb=NAN), "WanFitMemory", ("reserve_gb is nan",)),
     "budget inf": Refused(lambda: _with_memory_node(_t2v(), budget_gb=INF), "WanFitMemory", ("budget_gb is inf",)),
-    "frames 80": Refused(lambda: _t2v(frames=80), "WanFitEmptyEmbeds", ("frames 80", "4n+1")),
+    "frames 80": Refused(lambda: _t2v(frames=80), "WanFitEmptyEmbeds", ("WanFit - frames 80", "4n+1")),
     "i2v frames 62": Refused(lambda: _i2v(frames=62), "WanFitImageToVideoEncode", ("frames 62", "4n+1")),
     "width 72": Refused(lambda: _set(_t2v(), "WanFitEmptyEmbeds", width=72), "WanFitEmptyEmbeds",
                         ("72x32", "multiples of 16")),
