@@ -171,12 +171,27 @@ class WanFitModelLoader(_Loader):
             "attention": (["auto", *available_backends()], {"default": "auto"}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, file, weight_dtype="auto"):
+        ok = _check_file(cls.KIND, cls.FAMILY, file)
+        if ok is True and isinstance(file, str) and isinstance(weight_dtype, str):
+            return _weight_problem(open_verified(cls.KIND, cls.FAMILY, file)[0], weight_dtype) or True
+        return ok
+
     def load(self, file: str, weight_dtype: str = "auto", compute_dtype: str = "bf16", attention: str = "auto"):
         ckpt, config = self._open(file)
-        if isinstance(ckpt, GGUFCheckpoint) and weight_dtype.startswith("fp8"):
-            raise ValueError(f"{ckpt.name} is a GGUF model ({ckpt.quant_label()}); weight_dtype auto keeps it "
-                             f"quantised, bf16 / fp16 / fp32 dequantise it; {weight_dtype} does not apply")
+        problem = _weight_problem(ckpt, weight_dtype)
+        if problem:
+            raise ValueError(problem)
         return (ModelHandle(ckpt, config, weight_dtype, compute_dtype, attention),)
+
+
+def _weight_problem(ckpt: ModelFile, weight_dtype: str) -> str | None:
+    """A weight format the file cannot take (GGUF blocks stay quantised or dequantise), or None."""
+    if isinstance(ckpt, GGUFCheckpoint) and weight_dtype.startswith("fp8"):
+        return (f"{ckpt.name} is a GGUF model ({ckpt.quant_label()}); weight_dtype auto keeps it quantised, "
+                f"bf16 / fp16 / fp32 dequantise it; {weight_dtype} does not apply")
+    return None
 
 
 class WanFitVAELoader(_Loader):

@@ -187,6 +187,12 @@ def _t2v_in_i2v() -> dict:
     return prompt
 
 
+def _gguf_as_fp8(loader_id: str) -> dict:
+    prompt = small(api_workflow("wan22_i2v_a14b_81f_12gb_gguf"), size=32)
+    prompt[loader_id]["inputs"]["weight_dtype"] = "fp8_e4m3fn_scaled"
+    return prompt
+
+
 def _loader_file(prompt: dict, class_type: str, file) -> dict:
     return _set(prompt, class_type, file=file)
 
@@ -225,6 +231,10 @@ REFUSED: dict[str, Refused] = {
                                  ("Wan 2.2 VAE", "needs the Wan 2.1 VAE")),
     "TI2V 48 px": Refused(lambda: _ti2v(size=48), "WanFitSampler", ("TI2V-5B", "multiples of 32", "48x48")),
     # files
+    # the low-noise expert's loader: the 2024 ComfyUI validates only what required inputs reach,
+    # and the high-noise chain reaches the output through the second sampler's optional latent
+    "GGUF model as fp8": Refused(lambda: _gguf_as_fp8("2"), "WanFitModelLoader",
+                                 ("wan2.2_i2v_low_noise_14B_Q4_K_M.gguf", "GGUF model", "fp8_e4m3fn_scaled does not apply")),
     "UMT5 loader given a VAE": Refused(lambda: _loader_file(_t2v(), "WanFitTextEncoderLoader", NOT_UMT5),
                                        "WanFitTextEncoderLoader", (NOT_UMT5, "Wan VAE", "UMT5")),
     **{f"header: {what}": Refused(lambda n=name: _loader_file(_t2v(), "WanFitModelLoader", n), "WanFitModelLoader",
