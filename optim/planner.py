@@ -613,17 +613,15 @@ def _place_encoders(config: WanConfig, budget: int, t5_weights: str, vae_dtype: 
     vae = vae_config(config)
     storage = {torch.float32: "fp32", torch.float16: "fp16"}.get(vae_dtype, "bf16")
     weights = encoder_bytes(vae.version, storage)
-    stages = []  # (work, tiling words) for decode and, with an image, encode: as tiling.choose_tiling picks
+    decisions = []  # per stage (decode; encode with an image): (work, tiles in words, on the GPU)
     for encode in {False, image}:
         chosen = tiling.choose_tiling(vae, width, height, vae_dtype, budget - weights, encode=encode)
-        if chosen is None:  # not even the smallest tiles fit: the CPU, whole frames
-            stages.append((encoder_work(vae.version, width, height, vae_dtype, encode), None, False))
-        else:
-            tiled = chosen.grid(vae, width, height) != (1, 1)
-            stages.append((tiling.work_bytes(vae, chosen, width, height, vae_dtype, encode),
-                           chosen.describe(vae, width, height) if tiled else None, True))
-    work, words, fits = max(stages, key=lambda stage: stage[0])
-    plans.append(EncoderPlan("VAE", weights, work, "gpu" if all(f for _, _, f in stages) else "cpu", words))
+        tiles = chosen or tiling.AUTO.whole(width, height)  # None: not even the smallest tiles fit, the CPU
+        words = tiles.describe(vae, width, height) if tiles.grid(vae, width, height) != (1, 1) else None
+        decisions.append((tiling.work_bytes(vae, tiles, width, height, vae_dtype, encode), words, chosen is not None))
+    work, words, _ = max(decisions, key=lambda d: d[0])
+    on_gpu = all(d[2] for d in decisions)
+    plans.append(EncoderPlan("VAE", weights, work, "gpu" if on_gpu else "cpu", words))
     return tuple(plans)
 
 

@@ -36,10 +36,15 @@ WORKFLOW = "wan22_i2v_a14b_81f_32gb"
 TINY_HEIGHT, TINY_STEPS = 64, 4  # the embedded models: the graph's aspect at 64 px high (CPU minutes)
 
 
+def size_inputs(prompt: dict) -> dict:
+    """The inputs of a graph's size node (width, height, frames); {} when it has none."""
+    return next((n["inputs"] for n in prompt.values() if n["class_type"] in build.SIZE_NODES), {})
+
+
 def tiny_overrides(shipped: dict) -> dict:
     """The small size a graph runs at on the embedded models: its aspect, 64 px high, in
     multiples of what its VAE needs (32 px for TI2V-5B / the Wan 2.2 VAE, else 16)."""
-    size = next(n["inputs"] for n in shipped.values() if n["class_type"] in build.SIZE_NODES)
+    size = size_inputs(shipped)
     unit = 32 if any("ti2v" in str(n["inputs"].get("file", "")) for n in shipped.values()) else 16
     width = max(unit, round(size["width"] * TINY_HEIGHT / size["height"] / unit) * unit)
     return {"width": width, "height": max(unit, TINY_HEIGHT // unit * unit), "steps": TINY_STEPS}
@@ -47,7 +52,7 @@ def tiny_overrides(shipped: dict) -> dict:
 
 def describe(prompt: dict) -> str:
     """A graph's size, frames and steps in words, e.g. "832x480 x 81 frames, 4 steps with LoRAs"."""
-    size = next((n["inputs"] for n in prompt.values() if n["class_type"] in build.SIZE_NODES), {})
+    size = size_inputs(prompt)
     steps = sorted({n["inputs"]["steps"] for n in prompt.values() if "Sampler" in n["class_type"]})
     loras = sum(n["class_type"] == "WanFitLoRA" for n in prompt.values())
     return (f"{size.get('width')}x{size.get('height')} x {size.get('frames')} frames, "
@@ -56,14 +61,15 @@ def describe(prompt: dict) -> str:
 
 def rename_outputs(prompt: dict, shipped: dict) -> None:
     """Save nodes' prefixes follow the frames actually run (wanfit_i2v_a14b_81f -> ..._5f)."""
-    frames = next((n["inputs"]["frames"] for n in prompt.values() if n["class_type"] in build.SIZE_NODES), None)
-    before = next((n["inputs"]["frames"] for n in shipped.values() if n["class_type"] in build.SIZE_NODES), None)
+    frames, before = size_inputs(prompt).get("frames"), size_inputs(shipped).get("frames")
     if frames is None or frames == before:
         return
     for node in prompt.values():
         prefix = node["inputs"].get("filename_prefix")
         if isinstance(prefix, str):
             node["inputs"]["filename_prefix"] = prefix.replace(f"_{before}f", f"_{frames}f")
+
+
 LOADERS = {"WanFitModelLoader": "file", "WanFitTextEncoderLoader": "file", "WanFitVAELoader": "file",
            "WanFitCLIPVisionLoader": "file", "WanFitLoRA": "lora_name"}  # node -> its file input
 LOG_TAIL = 6000

@@ -6,7 +6,6 @@ this module sits above all three, so imports run one way (vae -> vae21, vae22 ->
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
 
 import torch
 
@@ -113,6 +112,8 @@ def _verify(config: VAEConfig, shapes: Mapping[str, tuple]) -> None:
         what = f"a Wan {config.version} VAE (dim {config.dim}, z_dim {config.z_dim})"
         problems = [f"{kind}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                     for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        problems += [f"tensor {k} has shape {list(shapes[k])}, but it needs {list(expected[k])}"
-                     + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else "") for k in wrong[:1]]
+        if wrong:
+            more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+            problems.append(f"tensor {wrong[0]} has shape {list(shapes[wrong[0]])}, but it needs "
+                            f"{list(expected[wrong[0]])}{more}")
         raise ValueError(f"keys look like {what} but do not match it: {'; '.join(problems)}")
