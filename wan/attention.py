@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A replacement for the dense self-attention call: (q, k, v) [B, L, N, D] -> [B, L, N, D].
+
+The one seam where techniques change how the video tokens attend to each other (sequence
+parallel ranks exchange heads and tokens around it; sparse attention masks blocks of it).
+It travels in ``WanState.self_attention``; cross-attention to text and CLIP never uses it."""
 
 BACKENDS = ("sageattention", "flash_attn", "sdpa")  # "auto" prefers them in this order
 _HALF = (torch.float16, torch.bfloat16)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import AttentionFn, attention
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
 
@@ -193,13 +193,16 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        """x [B, L, C] in the compute dtype, freqs from rope_freqs."""
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, backend: str = "auto",
+                attend: AttentionFn | None = None) -> torch.Tensor:
+        """x [B, L, C] in the compute dtype, freqs from rope_freqs; ``attend`` replaces the
+        dense attention call (see ``attention.AttentionFn``)."""
         shape = (*x.shape[:2], self.num_heads, self.head_dim)
         q = rope_apply(self.norm_q(self.q(x)).view(shape), freqs).to(x.dtype)
         k = rope_apply(self.norm_k(self.k(x)).view(shape), freqs).to(x.dtype)
         v = self.v(x).view(shape)
-        return self.o(attention(q, k, v, backend).flatten(2))
+        out = attention(q, k, v, backend) if attend is None else attend(q, k, v)
+        return self.o(out.flatten(2))
 
 
 class WanCrossAttention(WanSelfAttention):
@@ -241,15 +244,15 @@ class WanAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor,
                 context_img: torch.Tensor | None = None, backend: str = "auto",
-                runs: Runs | None = None) -> torch.Tensor:
+                runs: Runs | None = None, self_attention: AttentionFn | None = None) -> torch.Tensor:
         """x [B, L, C] -> [B, L, C] float32. e0 [B, 1, 6, C] float32, or [B, R, 6, C] with
         ``runs`` (TI2V); the compute dtype is context's (embed makes it so)."""
         dtype = context.dtype
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
         # Sub-layer outputs and inputs are temporaries of one expression each, so each is freed
         # as soon as it is used (a local would keep it alive through the next sub-layer).
-        x = _gated(x, self.self_attn(_modulate(self.norm1(x), shift1, scale1, runs).to(dtype), freqs, backend),
-                   gate1, runs)  # float32 from here on, as official
+        x = _gated(x, self.self_attn(_modulate(self.norm1(x), shift1, scale1, runs).to(dtype), freqs, backend,
+                                     self_attention), gate1, runs)  # float32 from here on, as official
         x = x + self.cross_attn(self.norm3(x).to(dtype), context, context_img, backend)
         linear1, gelu, linear2 = self.ffn
         return _gated(x, linear2(gelu(linear1(_modulate(self.norm2(x), shift2, scale2, runs).to(dtype)))),
@@ -320,11 +323,12 @@ class WanState:
     grid: tuple[int, int, int]  # token grid (F, H, W) after patching
     backend: str = "auto"  # attention backend, see attention.py
     runs: Runs | None = None  # per-token timesteps: e / e0 hold one row per run of equal tokens
+    self_attention: AttentionFn | None = None  # replaces dense self-attention (attention.AttentionFn)
 
     @property
     def block_kwargs(self) -> dict:
         return dict(e0=self.e0, freqs=self.freqs, context=self.context, context_img=self.context_img,
-                    backend=self.backend, runs=self.runs)
+                    backend=self.backend, runs=self.runs, self_attention=self.self_attention)
 
 
 class WanModel(nn.Module):
