@@ -44,10 +44,10 @@ def saved_calibrations() -> list[str]:
 
 
 def _calibration(choice: str) -> Calibration | None:
+    """The saved calibration a choice names (None for a published set); only a listed name is read."""
     if not choice.startswith(CALIBRATION):
         return None
-    name = choice[len(CALIBRATION):]
-    return load_calibration(calibration_dir() / f"{name}.json")
+    return load_calibration(calibration_dir(), choice[len(CALIBRATION):])
 
 
 def _check_choice(choice: str | None, published: Sequence[str], what: str):
@@ -231,6 +231,10 @@ def start(settings: CacheSettings | None, handles: Sequence, embeds: ImageEmbeds
         else:
             from .sample import BOUNDARIES
             split = boundary_step(sigmas, BOUNDARIES.get(handles[0].config.model_type, 0.875))
+    if settings.policy == "calibrate" and steps < 2:
+        raise ValueError(f"WanFit Cache Calibrate: a {steps}-step schedule has nothing to calibrate (MagCache ratios "
+                         "compare each step with the one before); calibrate with the step count you sample with, 2 "
+                         "or more (a TeaCache fit needs 3 or more)")
     if settings.policy == "calibrate" and ((begin > 0 and not carried) or (end < steps and not leftover)):
         raise ValueError(f"WanFit Cache Calibrate: a calibration records the whole {steps}-step schedule; this pass "
                          f"runs steps {begin}..{end} without handing the rest on (connect the calibration to both "
@@ -275,11 +279,13 @@ def finish(job_cache: JobCache | None, tel, latent: torch.Tensor, schedule: dict
         family, _ = model_family(job)
         cal = cache.calibration(settings.name, dict(
             models=[h.describe() for h in handles], files=[h.name for h in handles],
-            loras=[getattr(h, "loras", None) for h in handles], shift=schedule.get("shift"),
+            loras=[[f"{c.lora.name} x{c.strength:g} ({c.mode})" for c in h.loras] for h in handles], shift=schedule.get("shift"),
             scheduler=schedule.get("scheduler"), cfg=cfg, width=job.width, height=job.height, mode=job.mode,
             family=family, split=cache.split, rule=calibration_rule(family, bool(job.two_experts))))
         path = cal.save(calibration_dir())
-        cache.note = "; ".join(filter(None, [cache.note, f"saved calibration {settings.name!r} to {path}"]))
+        log.info("WanFit: calibration %r saved to %s", settings.name, path)
+        cache.note = "; ".join(filter(None, [cache.note, f"saved calibration {settings.name!r} (user directory, "
+                                                         f"wanfit/step_cache/{path.name})"]))
     report = cache.report()
     log.info("%s", report["line"])
     tel.record_step_cache(report)

@@ -7,6 +7,7 @@ Folder names changed in 2025: ``diffusion_models`` was ``unet`` and ``text_encod
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from contextlib import contextmanager
 
@@ -94,6 +95,15 @@ def on_prompt(handler) -> None:
     instance = getattr(PromptServer, "instance", None)
     if instance is not None and hasattr(instance, "add_on_prompt_handler"):
         instance.add_on_prompt_handler(handler)
+
+
+def node_classes() -> dict[str, type]:
+    """ComfyUI's NODE_CLASS_MAPPINGS: every installed node class (empty outside ComfyUI).
+    Read from the loaded module, never imported: ``nodes`` is ComfyUI's nodes.py there, and
+    elsewhere the name could resolve to this pack's own folder."""
+    module = sys.modules.get("nodes")
+    mapping = getattr(module, "NODE_CLASS_MAPPINGS", None)
+    return mapping if isinstance(mapping, dict) and getattr(module, "__package__", None) in ("", None) else {}
 
 
 def compute_device():

@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+
+from . import comfy, inputs, shield
 
 log = logging.getLogger("WanFit")
 
@@ -25,7 +27,9 @@ log = logging.getLogger("WanFit")
 # its handlers ran; two prompts validated at once with the same node ids could see each
 # other's entry, which at worst names a problem of the other graph.
 _PROBLEMS: dict[str, str] = {}
-CHECKS: dict[str, Callable[[dict, str], str | None]] = {}  # class name -> graph check of such a node
+# class name -> graph check of such a node: a problem, or (key, problem) where the same problem
+# can come up at several nodes (``once`` then reports it at one)
+CHECKS: dict[str, Callable[[dict, str], str | tuple[Hashable, str] | None]] = {}
 NODES: dict[str, type] = {}  # WanFit class name -> node class
 VALIDATORS: dict[str, Callable] = {}  # class name -> the node's own check (bound classmethod)
 VALIDATOR_ARGS: dict[str, tuple[str, ...]] = {}  # ... and the inputs it reads
@@ -53,25 +57,96 @@ def problem(unique_id) -> str | None:
 
 
 def check_prompt(json_data: dict) -> dict:
-    """ComfyUI's on_prompt hook: record each WanFit node's problem; the prompt passes on
-    unchanged. Never raises (ComfyUI would only log it): a check that fails is skipped."""
+    """ComfyUI's on_prompt hook: record each WanFit node's problem. A prompt holding WanFit
+    nodes is made safe for ComfyUI's executor first (``shield``: links that cannot be followed
+    are replaced, and refused); otherwise it passes on unchanged. Never raises (ComfyUI would
+    only log it): a check that fails is skipped."""
     prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
     if not isinstance(prompt, dict):
         return json_data
-    for node_id, node in prompt.items():
+    for node_id in prompt:
         _PROBLEMS.pop(str(node_id), None)
+    if not any(isinstance(node, dict) and node.get("class_type") in NODES for node in prompt.values()):
+        return json_data
+    found: dict[str, list[tuple[Hashable, str]]] = {}
+    classes = comfy.node_classes()
+    if classes:
+        try:
+            problems = shield.shield(prompt, classes)
+            if problems:
+                log.warning("WanFit: this prompt cannot run as sent: %s", "; ".join(text for _, text in problems))
+            for node_id, texts in shield.report_at(prompt, classes, problems, NODES).items():
+                found[node_id] = [(text, f"the graph cannot run: {text}") for text in texts]
+        except Exception as err:  # noqa: BLE001 - never stand between the user and ComfyUI's own answer
+            log.warning("WanFit: graph shield skipped: %s", err)
+    for node_id, node in prompt.items():
         kind = node.get("class_type") if isinstance(node, dict) else None
         if kind not in NODES:
             continue
         try:
-            found = non_finite(node, float_inputs(kind)) or own_check(node, kind) or (
-                CHECKS[kind](prompt, node_id) if kind in CHECKS else None)
+            problem = node_problem(prompt, node_id, node, kind)
         except Exception as err:  # noqa: BLE001 - a broken graph is ComfyUI's own validation's to report
             log.debug("WanFit: graph check of node %s skipped: %s", node_id, err)
             continue
-        if found:
-            _PROBLEMS[str(node_id)] = found
+        if problem:
+            found.setdefault(node_id, []).append(problem if isinstance(problem, tuple) else (problem, problem))
+    for node_id, problems in once(prompt, found).items():
+        _PROBLEMS[str(node_id)] = "; ".join(dict.fromkeys(text for _, text in problems))
     return json_data
+
+
+def node_problem(prompt: dict, node_id: str, node: dict, kind: str):
+    """The problem of one WanFit node ComfyUI will not report itself: a non-finite float, a
+    plain value where a link belongs, the node's own check and the graph checks of its class.
+    Where ComfyUI's own check refuses a literal value (range, choices, type), the node's own
+    checks are left out: the user reads one message per mistake."""
+    cls = NODES[kind]
+    literals = {name: value for name, value in (node.get("inputs") or {}).items() if not isinstance(value, list)}
+    if any(inputs.literal_problem(cls, name, value) for name, value in literals.items()):
+        return non_finite(node, float_inputs(kind))
+    return (non_finite(node, float_inputs(kind)) or unchecked_literal(cls, literals) or own_check(node, kind)
+            or (CHECKS[kind](prompt, node_id) if kind in CHECKS else None))
+
+
+def unchecked_literal(cls, literals: dict) -> str | None:
+    """A literal the node would refuse that ComfyUI lets through: a plain value where a link
+    belongs (ComfyUI checks no literal of a socket type), a boolean that is none."""
+    for name, value in literals.items():
+        try:
+            inputs.convert(name, inputs.declared(cls).get(name, ((None,), False))[0], value)
+        except ValueError as err:
+            if not inputs.literal_problem(cls, name, value):
+                return str(err)[len(inputs.PREFIX):]
+    return None
+
+
+def once(prompt: dict, found: dict[str, list[tuple[Hashable, str]]]) -> dict[str, list[tuple[Hashable, str]]]:
+    """Each problem (by its key) under one node: where the same one comes up at two nodes, one
+    upstream of the other (two chained Samplers on the same wrong VAE), only at the
+    downstream one, which is nearer the output and validated by every ComfyUI."""
+    keys: dict[Hashable, set[str]] = {}
+    for node_id, problems in found.items():
+        for key, _ in problems:
+            keys.setdefault(key, set()).add(node_id)
+    kept = {}
+    for node_id, problems in found.items():
+        mine = [(key, text) for key, text in problems
+                if not any(other != node_id and node_id in ancestors(prompt, other) for other in keys[key])]
+        if mine:
+            kept[node_id] = mine
+    return kept
+
+
+def ancestors(prompt: dict, node_id: str) -> set[str]:
+    """Every node ``node_id`` depends on through links."""
+    seen: set[str] = set()
+    queue = [node_id]
+    while queue:
+        for value in ((node(prompt, queue.pop()) or {}).get("inputs") or {}).values():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] not in seen:
+                seen.add(value[0])
+                queue.append(value[0])
+    return seen
 
 
 def own_check(node: dict, kind: str) -> str | None:

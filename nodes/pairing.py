@@ -65,8 +65,9 @@ def vae_version(prompt: dict, encode_id: str) -> str | None:
         return None
 
 
-def _embeds(prompt: dict, sampler_id: str) -> tuple[bool, str | None, bool, int | None, int | None] | None:
-    """(known, image, clip, width, height) of the embeds a sampler gets; None when not ours."""
+def _embeds(prompt: dict, sampler_id: str) -> tuple[bool, str | None, bool, int | None, int | None, str] | None:
+    """(known, image, clip, width, height, embeds node id) of the embeds a sampler gets; None
+    when not ours."""
     link = graph.source(prompt, sampler_id, "image_embeds")
     if link is None:
         return None
@@ -74,20 +75,23 @@ def _embeds(prompt: dict, sampler_id: str) -> tuple[bool, str | None, bool, int 
     kind = embeds.get("class_type")
     width, height = graph.literal(embeds, "width"), graph.literal(embeds, "height")
     if kind == "WanFitEmptyEmbeds":
-        return True, None, False, width, height
+        return True, None, False, width, height, embeds_id
     if kind == "WanFitImageToVideoEncode":
         version = vae_version(prompt, embeds_id)
         clip = graph.source(prompt, embeds_id, "clip_vision") is not None
-        return version is not None, version, clip, width, height
+        return version is not None, version, clip, width, height, embeds_id
     return None
 
 
 def _sampler_check(inputs: tuple[str, ...]):
-    def check(prompt: dict, node_id: str) -> str | None:
+    """The pairing check of a sampler node taking models through ``inputs``. Its key is the
+    embeds node and the kind of model: chained Samplers of one job on the same embeds report
+    the same mistake once."""
+    def check(prompt: dict, node_id: str) -> tuple[tuple, str] | None:
         embeds = _embeds(prompt, node_id)
         if embeds is None or not embeds[0]:
             return None
-        _, image, clip, width, height = embeds
+        _, image, clip, width, height, embeds_id = embeds
         for name in inputs:
             loader = graph.upstream(prompt, node_id, name, _THROUGH_MODEL, "WanFitModelLoader")
             config = _config(graph.literal(loader, "file"))
@@ -96,7 +100,7 @@ def _sampler_check(inputs: tuple[str, ...]):
                                         width if isinstance(width, int) else None,
                                         height if isinstance(height, int) else None)
                 if found:
-                    return found
+                    return ("pairing", embeds_id, config.model_type, config.clip), found
         return None
     return check
 

@@ -12,7 +12,7 @@ from ..optim.context import UNIFORM, ContextWindows
 from ..optim.telemetry import Telemetry
 from ..wan.denoise import Conditioning, make_denoiser
 from ..wan.sampling import sample, seeded_noise
-from ..wan.schedulers import SCHEDULES, SOLVERS, boundary_step, schedule_sigmas
+from ..wan.schedulers import MAX_STEPS, SCHEDULES, SOLVERS, boundary_step, schedule_sigmas
 from . import cache as step_caches
 from . import comfy
 from .load import ModelHandle
@@ -26,7 +26,6 @@ log = logging.getLogger("WanFit")
 CATEGORY = "WanFit/sampling"
 PLAN_KEY = "wanfit_plan"
 TELEMETRY_KEY = "wanfit_telemetry"
-MAX_STEPS = 10000
 BOUNDARIES = {"i2v": 0.900, "t2v": 0.875}  # official Wan 2.2 A14B expert switch (sigma)
 
 def _out_of_memory(handle: ModelHandle, job: JobPlan, err: BaseException) -> RuntimeError:

@@ -9,13 +9,17 @@ graph-wide checks, and the node's VALIDATE_INPUTS names only one hidden input, `
 ComfyUI prefixes the message with it: "WanFit - frames 80: ..."): the problem comes back
 once, under the node, and ComfyUI keeps checking every widget's range and choices itself.
 The node's own check is kept as ``VALIDATE_OWN``.
+
+When the node runs, its inputs are checked again before any work, whatever path they took:
+against its INPUT_TYPES (``inputs.check``: types, ranges, choices, socket types) and its own
+check on the values it actually got (a width that came over a link is known by then).
 """
 from __future__ import annotations
 
 import functools
 import inspect
 
-from . import graph
+from . import graph, inputs
 
 HIDDEN = "WanFit"  # the hidden input carrying the node's id to VALIDATE_INPUTS
 
@@ -45,9 +49,17 @@ def with_graph_check(cls) -> None:
     cls.INPUT_TYPES = classmethod(with_hidden)
     run = getattr(cls, cls.FUNCTION)
 
-    @functools.wraps(run)
-    def without_id(self, *args, **kwargs):  # ComfyUI passes hidden inputs to the node too
-        kwargs.pop(HIDDEN, None)
-        return run(self, *args, **kwargs)
+    params = list(inspect.signature(run).parameters.values())[1:]  # after self
+    optional = {p.name for p in params if p.default is not inspect.Parameter.empty}
 
-    setattr(cls, cls.FUNCTION, without_id)
+    @functools.wraps(run)
+    def checked(self, *args, **kwargs):  # ComfyUI passes inputs by name, the hidden ones too
+        kwargs.pop(HIDDEN, None)
+        kwargs = inputs.check(cls, {p.name: value for p, value in zip(params, args)} | kwargs, optional)
+        if own is not None:
+            verdict = own(**{name: kwargs[name] for name in graph.VALIDATOR_ARGS[cls.__name__] if name in kwargs})
+            if verdict is not True:
+                raise ValueError(f"{inputs.PREFIX}{verdict if verdict is not False else 'invalid inputs'}")
+        return run(self, **kwargs)
+
+    setattr(cls, cls.FUNCTION, checked)

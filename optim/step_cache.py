@@ -804,7 +804,7 @@ class Calibration:
         teacache = {}
         for mode in ("e", "e0"):
             xy = [(p[mode], p["out"]) for p in everything if p[mode] is not None]
-            if len(xy) >= 2:
+            if len({p["step"] for p in everything if p[mode] is not None}) >= 2:  # branches repeat a step's x
                 teacache[mode] = list(fit_teacache(*zip(*xy)))
         return cls(name, steps, [round(float(v), 6) for v in ratios.reshape(-1)],
                    [round(float(v), 6) for v in stds.reshape(-1)], teacache, by_branch,
@@ -832,17 +832,23 @@ class Calibration:
         return path
 
 
-def load_calibration(path: str | Path) -> Calibration:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such calibration")
-    return Calibration.from_json(path.read_text(), str(path))
+def load_calibration(directory: str | Path, name: str) -> Calibration:
+    """The calibration saved as ``name`` in ``directory``: only a name ``list_calibrations``
+    lists there is read (a name is never a path), and messages name it, not where it lies."""
+    if not isinstance(name, str) or name not in list_calibrations(directory):
+        raise FileNotFoundError(f"calibration {name!r}: no such calibration among the saved ones")
+    return Calibration.from_json((Path(directory) / f"{name}.json").read_text(), f"calibration {name!r}")
 
 
 def list_calibrations(directory: str | Path) -> list[str]:
-    """Names of the calibrations saved in ``directory`` (sorted; none when it does not exist)."""
+    """Names of the calibrations saved in ``directory`` (sorted; none when it does not exist):
+    files with a calibration name that lie inside it (a link leading out is not listed)."""
     d = Path(directory)
-    return sorted(p.stem for p in d.glob("*.json")) if d.is_dir() else []
+    if not d.is_dir():
+        return []
+    root = d.resolve()
+    return sorted(p.stem for p in d.glob("*.json")
+                  if NAME_RE.match(p.stem) and p.is_file() and p.resolve().is_relative_to(root))
 
 
 # --- from node settings to a policy -----------------------------------------------------------

@@ -143,6 +143,7 @@ class ComfyServer:
     extra_args: tuple[str, ...] = ()  # more ComfyUI flags, e.g. ("--preview-method", "latent2rgb")
     cpu: bool = True  # --cpu (this machine has no GPU); False lets ComfyUI pick its device
     stubs: bool = True  # the torchvision stand-in on PYTHONPATH (only where torchvision is unusable)
+    root: Path | None = None  # the ComfyUI folder it runs from (set by start)
 
     @property
     def url(self) -> str:
@@ -155,6 +156,11 @@ class ComfyServer:
     @property
     def output_dir(self) -> Path:
         return self.work_dir / "output"
+
+    @property
+    def user_dir(self) -> Path:
+        """ComfyUI's user directory (``user`` in its folder: the 2024 one has no flag for it)."""
+        return self.root / "user"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -185,7 +191,7 @@ class ComfyServer:
     def start(self, timeout: float = 120.0) -> "ComfyServer":
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.output_dir.mkdir(exist_ok=True)
-        root = self._prepare()
+        root = self.root = self._prepare()
         env = dict(os.environ)
         if self.stubs:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STUBS), env.get("PYTHONPATH")]))

@@ -342,6 +342,7 @@ def test_end_image_rules_hold_when_the_node_runs(models, tmp_path, monkeypatch):
     assert encode.WanFitImageToVideoEncode().encode(vae, image, 32, 32, 1)[0].y.shape[2] == 1  # one frame alone is fine
     extra = factory.write_models(tmp_path, ["wan2.2_vae.safetensors"])
     monkeypatch.setattr(comfy, "model_path", lambda kind, name: str({**models, **extra}[name]))
+    monkeypatch.setattr(comfy, "list_models", lambda kind: sorted({**models, **extra}))
     vae22 = load.WanFitVAELoader().load("wan2.2_vae.safetensors")[0]
     with pytest.raises(ValueError, match="takes a start image only"):
         encode.WanFitImageToVideoEncode().encode(vae22, image, 32, 32, 5, end_image=image)

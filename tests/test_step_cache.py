@@ -343,7 +343,7 @@ def test_calibration_then_threshold_zero_reproduces_the_uncached_run(tmp_path):
     recorder = StepCache(Calibrate(), steps)
     assert torch.equal(_sample(model, recorder, steps).latent, plain)
     path = recorder.calibration("tiny", {"shift": 5.0}).save(tmp_path)
-    cal = load_calibration(path)
+    cal = load_calibration(tmp_path, path.stem)
     assert cal.steps == steps and len(cal.mag_ratios) == 2 * steps and set(cal.teacache) == {"e", "e0"}
     job = JobInfo(model.config, steps)
     for settings in (CacheSettings("magcache", 0.0, skip_limit=2, retention=0.2, calibration=cal),

@@ -23,12 +23,17 @@ from torch import Tensor
 NUM_TRAIN_TIMESTEPS = 1000
 # Official sigma_max: the first of the 1000 training sigmas, 1 - 1/1000, held in float32.
 SIGMA_MAX = float(torch.tensor(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float32))
+MAX_STEPS = 10000  # a schedule is built in one go before sampling: bounded, so it takes milliseconds
+
+
+def _check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
 
 
 def _shifted_sigmas(steps: int, shift: float, sigma_max: float, sigma_min: float) -> Tensor:
     """The official float64 sigmas before the final zero (FlowUniPCMultistepScheduler.set_timesteps)."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    _check_steps(steps)
     # np.linspace's arithmetic (start + i * step), so the float32 cast is bit-identical.
     sigmas = torch.arange(steps, dtype=torch.float64) * ((sigma_min - sigma_max) / steps) + sigma_max
     return shift * sigmas / (1 + (shift - 1) * sigmas)
@@ -60,13 +65,12 @@ def simple_sigmas(steps: int, shift: float, timesteps: int = NUM_TRAIN_TIMESTEPS
     (entry ``-(1 + int(x * 1000 / steps))`` for step ``x``). So it starts at exactly 1 where
     the official Wan schedule starts at 0.999; the lightx2v 4-step LoRAs were distilled on it.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    _check_steps(steps)
     t = torch.arange(1, timesteps + 1, dtype=torch.float64) / timesteps
     table = t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
-    stride = timesteps / steps
-    picks = [float(table[timesteps - 1 - int(x * stride)]) for x in range(steps)]
-    return torch.tensor([*picks, 0.0], dtype=torch.float32)
+    # x * stride in float64 and truncated, as ComfyUI's int(x * ss) per step
+    picks = table[timesteps - 1 - (torch.arange(steps, dtype=torch.float64) * (timesteps / steps)).long()]
+    return torch.cat([picks, picks.new_zeros(1)]).to(torch.float32)
 
 
 SCHEDULES = ("wan", "simple")
