@@ -72,7 +72,7 @@ def check_prompt(json_data: dict) -> dict:
     classes = comfy.node_classes()
     if classes:
         try:
-            problems = shield.shield(prompt, classes)
+            problems = shield.shield(prompt, classes, NODES)
             if problems:
                 log.warning("WanFit: this prompt cannot run as sent: %s", "; ".join(text for _, text in problems))
             for node_id, texts in shield.report_at(prompt, classes, problems, NODES).items():

@@ -22,8 +22,9 @@ CHOICES_SHOWN = 8
 
 
 def show(value) -> str:
-    """A value as a message shows it: short, one line, whatever a client sent."""
-    text = repr(value)
+    """A value as a message shows it: short, one line, ASCII (any console prints it), whatever
+    a client sent."""
+    text = ascii(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -107,7 +108,12 @@ def convert(name: str, spec, value, required: bool = True):
 
 
 def _plain(value) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, list, dict))
+    return isinstance(value, (bool, int, float, str, list, dict))
+
+
+def label(name) -> str:
+    """An input name as messages show it: plain when it is an identifier."""
+    return name if isinstance(name, str) and name.isidentifier() and name.isascii() else show(name)
 
 
 def _number(name: str, value, cast, what: str):
@@ -133,7 +139,7 @@ def check(cls, values: dict, defaults: set[str] = frozenset()) -> dict:
     inputs = declared(cls)
     unknown = sorted(set(values) - set(inputs), key=str)
     if unknown:
-        raise ValueError(f"{PREFIX}{', '.join(map(show, unknown))}: not an input of {cls.DISPLAY_NAME}")
+        raise ValueError(f"{PREFIX}{', '.join(map(label, unknown))}: not an input of {cls.DISPLAY_NAME}")
     missing = [name for name, (_, required) in inputs.items() if required and name not in values and name not in defaults]
     if missing:
         raise ValueError(f"{PREFIX}{', '.join(missing)}: required, missing")

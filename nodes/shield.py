@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .inputs import REFUSED_LINK, show
+from .inputs import REFUSED_LINK, label, show
 
 def _id(node_id) -> str:
     """A node id as messages show it: plain when it is a short printable string."""
@@ -25,10 +25,10 @@ def _id(node_id) -> str:
 MAX_DEPTH = 300  # links in a row; ComfyUI's executor recurses once per link (Python's limit: 1000)
 
 
-def shield(prompt: dict, classes: Mapping[str, type]) -> list[tuple[str | None, str]]:
+def shield(prompt: dict, classes: Mapping[str, type], ours: Mapping[str, type]) -> list[tuple[str | None, str]]:
     """Make ``prompt`` safe to validate and run, in place; the problems found, as (id of the
     node they are on, or None for a node that was dropped, message). ``classes``: ComfyUI's
-    NODE_CLASS_MAPPINGS."""
+    NODE_CLASS_MAPPINGS; ``ours``: the WanFit ones."""
     problems: list[tuple[str | None, str]] = []
     for node_id in list(prompt):
         node = prompt[node_id]
@@ -44,18 +44,26 @@ def shield(prompt: dict, classes: Mapping[str, type]) -> list[tuple[str | None, 
         else:
             node.setdefault("inputs", {})
     for node_id, node in prompt.items():
-        for name, value in node["inputs"].items():
+        for name, value in list(node["inputs"].items()):
             why = _link_problem(prompt, classes, value) if isinstance(value, list) else None
             if why:
-                problems.append(_refuse(prompt, node_id, name, why))
-    problems += [_refuse(prompt, node_id, name, why) for node_id, name, why in _loops(prompt)]
+                problems.append(_refuse(prompt, classes, ours, node_id, name, why))
+    problems += [_refuse(prompt, classes, ours, node_id, name, why) for node_id, name, why in _loops(prompt)]
     return problems
 
 
-def _refuse(prompt: dict, node_id: str, name: str, why: str) -> tuple[str, str]:
+def _refuse(prompt: dict, classes: Mapping[str, type], ours: Mapping[str, type], node_id: str, name: str,
+            why: str) -> tuple[str, str]:
+    """Cut the link of input ``name``. Another pack's node loses a required input (ComfyUI then
+    refuses it by name, in every version); anything else gets a marker a WanFit node refuses
+    with ``why`` if it ever runs (another pack's node drops an undeclared one unread)."""
     node = prompt[node_id]
-    node["inputs"][name] = f"{REFUSED_LINK} {why}"
-    return node_id, f"node {node_id} ({node['class_type']}) input {show(name)}: {why}"
+    if node["class_type"] not in ours and name in _required(classes, node["class_type"]):
+        del node["inputs"][name]
+    else:
+        node["inputs"][name] = f"{REFUSED_LINK} {why}"
+    return node_id, f"node {node_id} ({node['class_type']}) input {label(name)}: {why}"
+
 
 
 def _link_problem(prompt: dict, classes: Mapping[str, type], link: list) -> str | None:
