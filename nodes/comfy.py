@@ -97,6 +97,17 @@ def on_prompt(handler) -> None:
         instance.add_on_prompt_handler(handler)
 
 
+_STANDALONE: dict = {}  # a multi-GPU worker runs nodes' code without ComfyUI: its device
+
+
+def run_standalone(device) -> None:
+    """Serve the calls below without ComfyUI, computing on ``device`` (a multi-GPU worker
+    process: no server, no Cancel of its own, no other models to unload)."""
+    import torch
+
+    _STANDALONE["device"] = torch.device(device)
+
+
 def node_classes() -> dict[str, type]:
     """ComfyUI's NODE_CLASS_MAPPINGS: every installed node class (empty outside ComfyUI).
     Read from the loaded module, never imported: ``nodes`` is ComfyUI's nodes.py there, and
@@ -108,6 +119,8 @@ def node_classes() -> dict[str, type]:
 
 def compute_device():
     """The device ComfyUI computes on (respects --cpu and friends)."""
+    if _STANDALONE:
+        return _STANDALONE["device"]
     import comfy.model_management as mm
 
     return mm.get_torch_device()
@@ -115,6 +128,11 @@ def compute_device():
 
 def free_vram(device) -> int:
     """Bytes free on ``device``: the driver's free memory plus what torch has cached unused."""
+    if _STANDALONE:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     import comfy.model_management as mm
 
     return int(mm.get_free_memory(device))
@@ -122,19 +140,38 @@ def free_vram(device) -> int:
 
 def unload_comfy_models(nbytes: int, device) -> None:
     """Ask ComfyUI to unload its own models (core nodes' checkpoints) until ``nbytes`` are free."""
+    if _STANDALONE:
+        return
     import comfy.model_management as mm
 
     mm.free_memory(nbytes, device)
 
 
 def free_memory_cache() -> None:
+    if _STANDALONE:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return
     import comfy.model_management as mm
 
     mm.soft_empty_cache()
 
 
+def interrupted() -> bool:
+    """Whether the user pressed Cancel (never, in a standalone worker)."""
+    if _STANDALONE:
+        return False
+    import comfy.model_management as mm
+
+    return bool(mm.processing_interrupted())
+
+
 def throw_if_interrupted() -> None:
     """Raise ComfyUI's interrupt exception when the user pressed Cancel."""
+    if _STANDALONE:
+        return  # a worker stops when rank 0 says so (optim.pool.Member.agree)
     import comfy.model_management as mm
 
     mm.throw_exception_if_processing_interrupted()

@@ -48,6 +48,7 @@ class ModelHandle:
     attention: str = "auto"
     memory: object | None = None  # MemorySettings from a WanFit Memory node (nodes/memory.py)
     loras: tuple[LoraChoice, ...] = ()  # from WanFit LoRA nodes, in chain order
+    parallel: object | None = None  # from a WanFit Multi-GPU node (nodes/multigpu.py)
 
     @property
     def name(self) -> str:
@@ -98,7 +99,12 @@ def open_verified(kind: str, family: str, file: str) -> tuple[ModelFile, object]
     """The file's header-only handle and detected config, every tensor checked (optim/files).
     Kept per file version (path, size, mtime), so /prompt, which validates on ComfyUI's event
     loop for every request, parses a file once, good or bad."""
-    path = comfy.model_path(kind, file)
+    return open_verified_path(comfy.model_path(kind, file), family)
+
+
+def open_verified_path(path: str | os.PathLike, family: str) -> tuple[ModelFile, object]:
+    """``open_verified`` of a file by its path (a multi-GPU worker, which has no ComfyUI folders)."""
+    path = os.path.realpath(path)
     stat = os.stat(path)
     key = (path, stat.st_size, stat.st_mtime_ns, family)
     if key not in _VERIFIED:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..optim import fp8, gguf, lora, planner
+from ..optim import fp8, gguf, lora, parallel, planner
 from ..optim.engine import SwapSettings
+from ..optim.parallel import Mesh
 from ..optim.step_cache import StepCache
 from ..wan.attention import available_backends
 from ..wan.denoise import DiTCall
@@ -118,27 +119,46 @@ def cache_hook(cache, handle: ModelHandle, windows: int = 1) -> planner.BlocksHo
                               f"{where})", wrap, held)
 
 
+def split_hook(hook: planner.BlocksHook | None, mesh: Mesh, rank: int) -> planner.BlocksHook:
+    """``hook`` (a step cache, which sees the whole tokens) around one rank's share of the
+    block stack, as the planner traces it (``parallel.trace_hook``: shape-only collectives)."""
+    inner = parallel.trace_hook(mesh, rank)
+    outer = hook.wrap if hook is not None else (lambda run, batch: run)
+    label = f"rank {rank} of {mesh.describe()}" + (f", {hook.label}" if hook is not None else "")
+    return planner.BlocksHook((hook.key if hook is not None else None, mesh, rank), label,
+                              lambda run, batch: outer(inner(run, batch), batch),
+                              hook.held if hook is not None else (lambda batch, tokens: 0))
+
+
 def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch.device,
-             settings: MemorySettings | None = None, cache=None, windows=None) -> JobPlan:
+             settings: MemorySettings | None = None, cache=None, windows=None, split=None) -> JobPlan:
     """Plan one pass before loading; raises planner.PlanError (naming the smallest budget that
     works) when the job cannot fit. ``cache``: the pass's step cache (nodes/cache.JobCache);
-    ``windows``: its context windows (optim/context.ContextWindows)."""
+    ``windows``: its context windows (optim/context.ContextWindows); ``split``: this rank's part
+    of a multi-device pass (nodes/multigpu.Split): its share of the tokens is planned, and
+    its batching follows rank 0's."""
     s = settings or MemorySettings()
+    mesh = split.mesh if split is not None and split.mesh.world > 1 else None
     if device.type != "cuda" and s.budget_gb <= 0:
         text = (f"{handle.describe()}: running on {device.type}, the DiT stays in host memory; "
                 "no VRAM budget to plan (give one on the WanFit Memory node to preview a card's plan).")
+        if mesh is not None:
+            text = f"Rank {split.rank} of {mesh.world} ({device}, {mesh.describe()}): {text}"
         return JobPlan(None, SwapSettings(0, s.prefetch, s.pin_memory, s.offload_embeddings), True, text)
     attention = handle.attention if handle.attention != "auto" else available_backends()[0]
     frames = embeds.latent_frames
     active = windows is not None and windows.active(frames)
     count = len(windows.index_lists(frames)) if active else 1
+    hook = cache_hook(cache, handle, count)
+    batch = None if split is None or split.batch_cfg is None else (2 if split.batch_cfg else 1)
     plan = planner.plan_memory(
         handle.config, frames=embeds.frames, width=embeds.width, height=embeds.height,
         budget=int(s.budget_gb * GIB) if s.budget_gb > 0 else "auto", reserve=int(s.reserve_gb * GIB),
         weights=storage_format(handle), compute_dtype=planner.DTYPES[handle.compute_dtype],
-        guidance=cfg != 1.0, attention=attention, device_type="cuda",
+        guidance=cfg != 1.0, cfg_batch=batch if cfg != 1.0 else None, attention=attention, device_type="cuda",
         fp8_matmul=device.type == "cuda" and fp8.scaled_mm_supported(device), prefetch=s.prefetch,
-        loaded=as_loaded(handle, stages.held_unmerged_loras(handle)), hook=cache_hook(cache, handle, count),
+        loaded=as_loaded(handle, stages.held_unmerged_loras(handle)),
+        hook=hook if mesh is None else split_hook(hook, mesh, split.rank),
         context_frames=windows.pixel_length if active else None, windows=count)
     swapped = plan.swapped if s.blocks_to_swap < 0 else min(s.blocks_to_swap, handle.config.num_layers)
     swap = SwapSettings(swapped if device.type == "cuda" else 0, plan.prefetch, s.pin_memory, s.offload_embeddings)
@@ -150,6 +170,8 @@ def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch
         text += f" Context windows: {windows.describe(frames)}."
     if swapped != plan.swapped:
         text += f" blocks_to_swap is set to {swapped} on the Memory node (the plan chose {plan.swapped})."
+    if mesh is not None:
+        text = f"Rank {split.rank} of {mesh.world} ({device}, {mesh.describe()}): {text}"
     return JobPlan(plan, swap, plan.batch == 2, text)
 
 

@@ -3,6 +3,7 @@ two-expert Wan 2.2 A14B pass pair. The DiT is read from its file when the node r
 is held at a time (``stages``), so the two experts are never both in memory."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -14,7 +15,7 @@ from ..wan.denoise import Conditioning, make_denoiser
 from ..wan.sampling import sample, seeded_noise
 from ..wan.schedulers import MAX_STEPS, SCHEDULES, SOLVERS, boundary_step, schedule_sigmas
 from . import cache as step_caches
-from . import comfy
+from . import comfy, multigpu
 from .load import ModelHandle
 from .memory import JobPlan, plan_job
 from .pairing import pairing_problem
@@ -96,11 +97,34 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
              windows: ContextWindows | None = None):
     """One pass with ``handle``'s model, planned before any weight is read; memory is released
     if it fails, runs out of memory or is cancelled. ``cache`` (a step cache) wraps the block
-    stack; ``windows`` runs the DiT window by window. Returns the result and the plan."""
+    stack; ``windows`` runs the DiT window by window; a Multi-GPU model (``handle.parallel``)
+    runs it split over its devices (``nodes/multigpu.py``). Returns the result and the plan."""
     check_pairing(handle, embeds)
     check_windows(windows, cache, latent.shape[2], range(start, min(end, len(sigmas) - 1)))
-    job = plan_job(handle, embeds, cfg, comfy.compute_device(), handle.memory, cache, windows)
+    split = multigpu.plan_split(handle, cfg)
+    job = plan_job(handle, embeds, cfg, comfy.compute_device(), handle.memory, cache, windows, split)
     log.info("WanFit plan: %s", job.text)
+    args = (handle, text, embeds, latent, sigmas, solver, cfg, start, end, noise, add_noise, leftover, state,
+            callback, tel, cache, windows, job)
+    if split is None:
+        return _run(*args, None), job
+    if split.batch_cfg is None:
+        split.batch_cfg = job.batch_cfg  # rank 0 decides; every rank batches the same way
+    spec = dict(text=text, embeds=embeds, latent=latent, sigmas=sigmas, solver=solver, cfg=cfg, start=start,
+                end=end, noise=noise, add_noise=add_noise, leftover=leftover, state=state,
+                cache=multigpu.cache_spec(cache), windows=windows)
+    result, answers = multigpu.run_split(split, handle, spec, lambda s: _run(*args, s))
+    for answer in answers:
+        log.info("WanFit plan: %s", answer["plan"])
+    return result, dataclasses.replace(job, text=" ".join([job.text] + [a["plan"] for a in answers]))
+
+
+def _run(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent: torch.Tensor, sigmas: torch.Tensor,
+         solver: str, cfg: float, start: int, end: int, noise, add_noise: bool, leftover: bool, state, callback,
+         tel: Telemetry, cache: step_caches.JobCache | None, windows: ContextWindows | None, job: JobPlan,
+         split: multigpu.Split | None):
+    """The pass itself, on this rank's device; with ``split``, this rank's share of each DiT call
+    (and Cancel agreed between the ranks before each call instead of checked here alone)."""
     try:
         with tel.stage("load"):
             prepared = get_model(handle, job.swap)
@@ -108,9 +132,13 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
             tel.watch(prepared.swapper)
         positive, negative = _conditioning(handle, text, embeds, loading.DTYPES[handle.compute_dtype])
         first = embeds.first_latent
-        run_blocks = prepared.run_blocks if cache is None else cache.wrap(prepared.run_blocks, str(handle.key))
-        denoise = make_denoiser(prepared.model, positive, negative, cfg, batch_cfg=job.batch_cfg,
-                                run_blocks=_cancellable(run_blocks), first_latent=first, windows=windows)
+        run_blocks = prepared.run_blocks if split is None else split.wrap(prepared.run_blocks)
+        if cache is not None:
+            run_blocks = cache.wrap(run_blocks, str(handle.key))
+        denoise = make_denoiser(prepared.model, positive, negative, cfg,
+                                batch_cfg=job.batch_cfg if split is None else split.batch_cfg,
+                                run_blocks=_cancellable(run_blocks) if split is None else run_blocks,
+                                first_latent=first, windows=windows)
         def on_step(step: int, steps: int, x, x0) -> None:
             tel.on_step(step, steps, x, x0)
             check_finite(handle, step, steps, start, end, x0)
@@ -124,7 +152,7 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
                 left = float(sigmas[min(end, len(sigmas) - 1)]) if leftover else 0.0
                 result.latent = result.latent.clone()
                 result.latent[:, :, :1] = first.to(result.latent) / (1 - left)  # the image frame, exactly
-        return result, job
+        return result
     except torch.OutOfMemoryError as err:
         release_model()
         raise _out_of_memory(handle, job, err) from err

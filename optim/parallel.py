@@ -240,6 +240,7 @@ class ParallelBlocks:
     world_group: Any = None
     mask_padding: bool = True
     before_call: Callable[[], None] | None = None  # e.g. agree on Cancel, once per DiT call
+    in_call: bool = False  # between the first and the last collective of a call
 
     def wrap(self, run_blocks: Callable[..., WanState]) -> Callable[..., WanState]:
         """``run_blocks(state, *more) -> state`` over this rank's share; every rank returns the
@@ -248,7 +249,10 @@ class ParallelBlocks:
         def run(state: WanState, *more) -> WanState:
             if self.before_call is not None:
                 self.before_call()
-            return self.run(state, lambda s: run_blocks(s, *more))
+            self.in_call = True
+            out = self.run(state, lambda s: run_blocks(s, *more))
+            self.in_call = False
+            return out
         return run
 
     def run(self, state: WanState, run_blocks: Callable[[WanState], WanState]) -> WanState:

@@ -181,11 +181,11 @@ _DIFFUSERS_NAMES = {"self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k
                     "time_projection.1": "condition_embedder.time_proj", "head.head": "proj_out"}
 
 
-def dit_shapes(model_type: str = "i2v", clip: bool = False) -> dict[str, tuple[int, ...]]:
-    """Internal key -> shape of a tiny factory DiT (no weights)."""
+def dit_shapes(model_type: str = "i2v", clip: bool = False, dit: dict = DIT) -> dict[str, tuple[int, ...]]:
+    """Internal key -> shape of a tiny factory DiT (no weights); ``dit``: its size."""
     in_dim = {"t2v": 16, "i2v": 36, "ti2v": 48}[model_type]
     config = WanConfig(model_type, in_dim=in_dim, out_dim=48 if model_type == "ti2v" else 16, clip=clip,
-                       clip_dim=CLIP_WIDTH, **DIT)
+                       clip_dim=CLIP_WIDTH, **dit)
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in WanModel(config).state_dict().items()}
 
@@ -304,6 +304,25 @@ _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOST
                "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
                "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
                "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+
+
+def _wide_dit(model_type: str, seed: int):
+    """A wide tiny DiT (2 heads: two sequence-parallel ranks can split it), fp8 scaled."""
+    def build() -> dict[str, torch.Tensor]:
+        sd = _fp8_scaled(dit_state_dict_wide(model_type, seed), fp8.should_quantize)
+        return {"model.diffusion_model." + k: v for k, v in sd.items()}
+    return build
+
+
+# Two-head experts and their LoRAs for the multi-GPU tests (the bundled names' DiTs have one head).
+WIDE_HIGH, WIDE_LOW = "wanfit_wide_i2v_high_noise_fp8_scaled.safetensors", "wanfit_wide_i2v_low_noise_fp8_scaled.safetensors"
+WIDE_LORA_HIGH, WIDE_LORA_LOW = "wanfit_wide_i2v_lora_high_noise.safetensors", "wanfit_wide_i2v_lora_low_noise.safetensors"
+FILES.update({
+    WIDE_HIGH: ("diffusion_models", _wide_dit("i2v", 31)),
+    WIDE_LOW: ("diffusion_models", _wide_dit("i2v", 32)),
+    WIDE_LORA_HIGH: ("loras", lambda: lora_file("lightx2v", dit_shapes("i2v", dit=GGUF_WIDE_DIT), 33)[0]),
+    WIDE_LORA_LOW: ("loras", lambda: lora_file("lightx2v", dit_shapes("i2v", dit=GGUF_WIDE_DIT), 34)[0]),
+})
 
 
 def quantize_q4_k(data: np.ndarray) -> np.ndarray:
