@@ -173,7 +173,9 @@ def pool_for(settings: MultiGPU) -> Pool:
         pool = _POOL["pool"] = None
     if pool is None:
         log_dir = Path(tempfile.gettempdir()) / "wanfit_workers"
-        threads = int(os.environ.get("WANFIT_WORKER_THREADS", "0"))
+        # CPU ranks share the machine's cores (GPU workers keep torch's default)
+        cpu_share = max(1, (os.cpu_count() or 1) // len(settings.devices)) if set(settings.devices) == {"cpu"} else 0
+        threads = int(os.environ.get("WANFIT_WORKER_THREADS", cpu_share))
         pool = Pool(settings.devices, log_dir, threads=threads).start()
         _POOL["pool"] = pool
     return pool

@@ -260,8 +260,7 @@ class ParallelBlocks:
         batch, length = state.x.shape[:2]
         if mesh.cfg == 2 and batch != 2:
             raise ParallelError(f"CFG-parallel runs batched cond + uncond calls; this call has batch {batch}")
-        whole = (state.x, state.e, state.e0, state.freqs, state.context, state.context_img, state.runs,
-                 state.self_attention)
+        whole = (state.e, state.e0, state.freqs, state.context, state.context_img, state.runs, state.self_attention)
         rows = slice(mesh.cfg_rank(rank), mesh.cfg_rank(rank) + 1) if mesh.cfg == 2 else slice(None)
         shard = Shard.of(length, mesh.seq_rank(rank), mesh.sequence)
         e, e0 = state.e[rows], state.e0[rows]
@@ -269,26 +268,36 @@ class ParallelBlocks:
             keep, state.runs = _runs_of(state.runs, shard)
             e, e0 = e[:, keep], e0[:, keep]
         state.e, state.e0 = e, e0
-        state.x = _take(state.x[rows], shard, 1)
+        share = _take(state.x[rows], shard, 1)
+        # a share of its own, so the whole video's embedding goes as the blocks begin
+        state.x = share.clone() if share.untyped_storage().data_ptr() == state.x.untyped_storage().data_ptr() else share
+        del share
         state.freqs = _take(state.freqs, shard, 0)
         state.context = state.context[rows]
         state.context_img = None if state.context_img is None else state.context_img[rows]
         if mesh.sequence > 1:
-            inner = whole[7] or functools.partial(attention, backend=state.backend)
+            inner = whole[6] or functools.partial(attention, backend=state.backend)
             state.self_attention = ulysses(inner, shard, mesh.sequence, self.comm,
                                            self.groups[mesh.cfg_rank(rank)], self.mask_padding)
         try:
             local = run_blocks(state).x
         finally:
-            (_, state.e, state.e0, state.freqs, state.context, state.context_img, state.runs,
-             state.self_attention) = whole
+            state.e, state.e0, state.freqs, state.context, state.context_img, state.runs, state.self_attention = whole
             state.x = None
-        parts = [torch.empty_like(local) for _ in range(mesh.world)]
-        self.comm.all_gather(parts, local, self.world_group)
-        del local
-        halves = [torch.cat(parts[h * mesh.sequence:(h + 1) * mesh.sequence], 1)[:, :length] for h in range(mesh.cfg)]
-        state.x = halves[0] if mesh.cfg == 1 else torch.cat(halves)
+        state.x = self._gather(local, batch, length)
         return state
+
+    def _gather(self, local: Tensor, batch: int, length: int) -> Tensor:
+        """Every rank's share into one buffer, [CFG half, sequence rank, rows, share, dim]; the
+        whole result is a view of it (a copy only for two rows split by tokens alone)."""
+        mesh = self.mesh
+        rows, size, dim = local.shape
+        buffer = local.new_empty(mesh.cfg, mesh.sequence, rows, size, dim)
+        self.comm.all_gather(list(buffer.flatten(0, 1).unbind(0)), local, self.world_group)
+        del local
+        if rows == 1:  # CFG-parallel, or one row: the shares already lie in token order
+            return buffer.view(mesh.cfg, mesh.sequence * size, dim)[:, :length]
+        return buffer[0].transpose(0, 1).reshape(rows, mesh.sequence * size, dim)[:, :length]
 
 
 def trace_hook(mesh: Mesh, rank: int = 0):
