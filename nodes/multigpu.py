@@ -22,7 +22,7 @@ import torch
 from ..optim import files
 from ..optim.lora import open_lora
 from ..optim.parallel import MODES, DistComm, Mesh, ParallelBlocks, ParallelError, choose_mesh, sequence_counts
-from ..optim.pool import Cancelled, Member, Pool, PoolError
+from ..optim.pool import REMOTE, Cancelled, Member, Pool, PoolError
 from ..optim.step_cache import StepCache
 from . import comfy, graph
 from .load import LoraChoice, ModelHandle
@@ -41,25 +41,25 @@ class MultiGPU:
 
 
 def parse_devices(text: str) -> tuple[str, ...]:
-    """``all`` (every CUDA device), a list such as ``cuda:0,cuda:1`` or ``0,1``, or CPU processes
-    (``cpu,cpu`` or ``cpu*2``: for tests and machines without a GPU). ValueError names what is wrong."""
+    """``all`` (every CUDA device), a list such as ``cuda:0,cuda:1`` or ``0,1``, CPU processes
+    (``cpu,cpu`` or ``cpu*2``: for tests and machines without a GPU), and ``remote`` ranks (or
+    ``remote*N``) whose workers are started by hand, on another machine. Rank 0 (the first) is
+    this machine's. ValueError names what is wrong."""
     text = str(text).strip().lower()
     if text == "all":
         count = torch.cuda.device_count()
         if count < 1:
             raise ValueError("devices all: no CUDA device here; list CPU processes as cpu*2 to run on the CPU")
         return tuple(f"cuda:{i}" for i in range(count))
-    if text.startswith("cpu*"):
-        count = text[4:]
-        if not count.isdigit() or not 1 <= int(count) <= MAX_RANKS:
-            raise ValueError(f"devices {text!r}: cpu*N with N from 1 to {MAX_RANKS}")
-        return ("cpu",) * int(count)
     devices = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        name = f"cuda:{part}" if part.isdigit() else part
-        if name == "cpu":
-            devices.append(name)
+        name, _, count = part.partition("*")
+        if count and (name not in ("cpu", REMOTE) or not count.isdigit() or not 1 <= int(count) <= MAX_RANKS):
+            raise ValueError(f"devices: {part!r}: only cpu*N and remote*N repeat (N from 1 to {MAX_RANKS})")
+        if name in ("cpu", REMOTE):
+            devices += [name] * (int(count) if count else 1)
             continue
+        name = f"cuda:{name}" if name.isdigit() else name
         if not name.startswith("cuda:") or not name[5:].isdigit():
             raise ValueError(f"devices: {part!r} is not a device (cuda:N, N, cpu or all)")
         if int(name[5:]) >= torch.cuda.device_count():
@@ -67,8 +67,13 @@ def parse_devices(text: str) -> tuple[str, ...]:
         devices.append(name)
     if not devices or len(devices) > MAX_RANKS:
         raise ValueError(f"devices {text!r}: list 1 to {MAX_RANKS} devices")
-    if len(set(devices)) != len(devices) and set(devices) != {"cpu"}:
+    gpus = [d for d in devices if d.startswith("cuda")]
+    if len(set(gpus)) != len(gpus):
         raise ValueError(f"devices {text!r}: each GPU once")
+    if devices[0] == REMOTE:
+        raise ValueError(f"devices {text!r}: the first device is this machine's (rank 0), not remote")
+    if gpus and "cpu" in devices:
+        raise ValueError(f"devices {text!r}: GPUs or CPU processes, not both")
     return tuple(devices)
 
 
@@ -176,7 +181,11 @@ def pool_for(settings: MultiGPU) -> Pool:
         # CPU ranks share the machine's cores (GPU workers keep torch's default)
         cpu_share = max(1, (os.cpu_count() or 1) // len(settings.devices)) if set(settings.devices) == {"cpu"} else 0
         threads = int(os.environ.get("WANFIT_WORKER_THREADS", cpu_share))
-        pool = Pool(settings.devices, log_dir, threads=threads).start()
+        # remote workers reach rank 0 at an address and port of the user's choosing
+        host = os.environ.get("WANFIT_MULTIGPU_HOST", "127.0.0.1")
+        port = int(os.environ.get("WANFIT_MULTIGPU_PORT", "0"))
+        timeout = float(os.environ.get("WANFIT_MULTIGPU_JOIN_TIMEOUT", "120"))
+        pool = Pool(settings.devices, log_dir, host=host, port=port, threads=threads, join_timeout=timeout).start()
         _POOL["pool"] = pool
     return pool
 

@@ -7,7 +7,7 @@ from . import graph
 
 ENCODE = "WanFit Image-to-Video Encode"
 EMPTY = "WanFit Empty Embeds"
-_THROUGH_MODEL = {"WanFitLoRA": "model", "WanFitMemory": "model"}
+_THROUGH_MODEL = {"WanFitLoRA": "model", "WanFitMemory": "model", "WanFitMultiGPU": "model"}
 
 
 def pairing_problem(model: str, config: WanConfig, image: str | None, clip: bool,

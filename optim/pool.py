@@ -59,9 +59,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+REMOTE = "remote"  # a rank whose worker someone starts by hand (another machine): rank 0's kind of device
+
+
 def backend_for(devices: Sequence[str]) -> str:
-    """gloo for CPU ranks; NCCL for CUDA tensors when any rank has a GPU (control stays on gloo)."""
-    return "cpu:gloo,cuda:nccl" if any(str(d).startswith("cuda") for d in devices) else "gloo"
+    """gloo for CPU ranks; NCCL for CUDA tensors when rank 0 has a GPU (control stays on gloo).
+    A remote rank computes on the same kind of device as rank 0."""
+    return "cpu:gloo,cuda:nccl" if str(devices[0]).startswith("cuda") else "gloo"
 
 
 @dataclass
@@ -134,8 +138,9 @@ def join(host: str, port: int, rank: int, world: int, device: str, devices: Sequ
 
 @dataclass
 class Pool:
-    """Rank 0's side: the worker processes (or, with ``spawn=False``, workers someone else
-    starts with ``command()``), the process group and the per-job protocol."""
+    """Rank 0's side: the worker processes (ranks whose device is ``REMOTE``, or every rank with
+    ``spawn=False``, are started by someone else with ``command(rank)``), the process group and
+    the per-job protocol."""
 
     devices: tuple[str, ...]
     log_dir: Path
@@ -159,18 +164,29 @@ class Pool:
 
     def command(self, rank: int) -> list[str]:
         """The command that starts rank ``rank``'s worker (here, or on another machine with the
-        pack and the same model files, given ``--host`` reachable from there)."""
+        pack and the same model files, when ``host`` is an address reachable from there; a
+        remote worker computes on ``cuda:0`` there, or on its CPU when rank 0 does)."""
+        device = self.devices[rank]
+        if device == REMOTE:
+            device = "cuda:0" if str(self.devices[0]).startswith("cuda") else "cpu"
         cmd = [sys.executable, str(WORKER_SCRIPT), "--join", f"{self.host}:{self.port}", "--rank", str(rank),
-               "--world", str(self.world), "--device", self.devices[rank], "--devices", ",".join(self.devices),
+               "--world", str(self.world), "--device", device, "--devices", ",".join(self.devices),
                "--package", PACKAGE]
         return cmd + (["--threads", str(self.threads)] if self.threads else [])
+
+    def _spawned(self, rank: int) -> bool:
+        return self.spawn and self.devices[rank] != REMOTE
 
     def start(self) -> Pool:
         self.port = self.port or free_port(self.host)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        for rank in range(1, self.world):
+            if not self._spawned(rank):
+                log.warning("WanFit multi-GPU: waiting %.0f s for rank %d; start it with: %s", self.join_timeout, rank,
+                            " ".join(self.command(rank)))
         if self.spawn:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
-            for rank in range(1, self.world):
+            for rank in filter(self._spawned, range(1, self.world)):
                 with open(self.log_path(rank), "wb") as out:
                     self.procs[rank] = subprocess.Popen(self.command(rank), stdout=out, stderr=subprocess.STDOUT,
                                                         env=env, start_new_session=True)
@@ -197,7 +213,7 @@ class Pool:
                                 f"joining; its log: {self.log_path(dead[0])}")
             if missing and time.monotonic() > deadline:
                 raise PoolError(f"ranks {missing} did not join {self.host}:{self.port} within "
-                                f"{self.join_timeout:.0f} s" + ("" if self.spawn else
+                                f"{self.join_timeout:.0f} s" + ("" if self._spawned(missing[0]) else
                                                                f"; start them with: {' '.join(self.command(missing[0]))}"))
             time.sleep(0.05)
 

@@ -27,6 +27,7 @@ from wanfit.nodes import cache, comfy, encode, load, lora, multigpu, sample  # n
 from wanfit.nodes.context import WanFitContextWindows  # noqa: E402
 from wanfit.optim.pool import Pool, free_port  # noqa: E402
 
+
 NAMES = [factory.WIDE_HIGH, factory.WIDE_LOW, factory.WIDE_LORA_HIGH, factory.WIDE_LORA_LOW,
          "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"]
 
@@ -112,17 +113,18 @@ def case_windows() -> dict:
 
 
 def case_separate_worker(text, embeds) -> dict:
-    """The worker as its own command (what runs on another machine), joining 127.0.0.1."""
+    """A remote rank: its worker started as its own command with the line rank 0 logs (what runs
+    on another machine), joining 127.0.0.1 at the port set for it."""
     multigpu.close_pool()
-    pool = Pool(("cpu", "cpu"), Path(os.environ.get("TMPDIR", "/tmp")) / "wanfit_workers_external",
-                port=free_port(), threads=1, spawn=False)
-    worker = subprocess.Popen(pool.command(1), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    os.environ["WANFIT_MULTIGPU_PORT"] = str(free_port())
+    command = Pool(("cpu", "remote"), Path("."), port=int(os.environ["WANFIT_MULTIGPU_PORT"]), threads=1).command(1)
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        multigpu._POOL["pool"] = pool.start()
         result = compare("worker started as a separate command", two_pass(*experts(None), text, embeds),
-                         two_pass(*experts("cpu*2"), text, embeds), command=" ".join(pool.command(1)[1:4]))
+                         two_pass(*experts("cpu,remote"), text, embeds), command=" ".join(command[1:4]))
     finally:
         multigpu.close_pool()
+        del os.environ["WANFIT_MULTIGPU_PORT"]
         worker.wait(timeout=30)
     return result
 
