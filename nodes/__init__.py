@@ -1,11 +1,42 @@
 """ComfyUI node classes: thin wrappers that validate inputs and call into wan/ and optim/."""
-from . import cache, comfy, context, decode, encode, graph, load, lora, memory, multigpu, pairing, sample  # noqa: F401
+from . import comfy, graph, pairing  # noqa: F401  (pairing registers its graph checks)
+from .cache import WanFitCacheCalibrate, WanFitEasyCache, WanFitMagCache, WanFitTeaCache
+from .context import WanFitContextWindows
+from .decode import WanFitVAEDecode, WanFitVAETiling
+from .encode import WanFitEmptyEmbeds, WanFitImageToVideoEncode, WanFitTextEncode
+from .load import WanFitCLIPVisionLoader, WanFitModelLoader, WanFitTextEncoderLoader, WanFitVAELoader
+from .lora import WanFitLoRA
+from .memory import WanFitMemory
+from .multigpu import WanFitMultiGPU
+from .sample import WanFitSampler, WanFitTwoPassSampler
+from .save import WanFitSaveVideo
 from .tooltips import with_tooltips
 from .validation import with_graph_check
 
-_MODULES = (load, lora, encode, memory, multigpu, context, cache, sample, decode)
-
-NODE_CLASS_MAPPINGS = {name: cls for m in _MODULES for name, cls in m.NODES.items()}
+# A literal dict, so tools that read the source without importing it (comfy-test, the
+# registry's scanners) see every node.
+NODE_CLASS_MAPPINGS = {
+    "WanFitModelLoader": WanFitModelLoader,
+    "WanFitVAELoader": WanFitVAELoader,
+    "WanFitTextEncoderLoader": WanFitTextEncoderLoader,
+    "WanFitCLIPVisionLoader": WanFitCLIPVisionLoader,
+    "WanFitLoRA": WanFitLoRA,
+    "WanFitTextEncode": WanFitTextEncode,
+    "WanFitEmptyEmbeds": WanFitEmptyEmbeds,
+    "WanFitImageToVideoEncode": WanFitImageToVideoEncode,
+    "WanFitMemory": WanFitMemory,
+    "WanFitMultiGPU": WanFitMultiGPU,
+    "WanFitContextWindows": WanFitContextWindows,
+    "WanFitTeaCache": WanFitTeaCache,
+    "WanFitMagCache": WanFitMagCache,
+    "WanFitEasyCache": WanFitEasyCache,
+    "WanFitCacheCalibrate": WanFitCacheCalibrate,
+    "WanFitSampler": WanFitSampler,
+    "WanFitTwoPassSampler": WanFitTwoPassSampler,
+    "WanFitVAEDecode": WanFitVAEDecode,
+    "WanFitVAETiling": WanFitVAETiling,
+    "WanFitSaveVideo": WanFitSaveVideo,
+}
 NODE_DISPLAY_NAME_MAPPINGS = {name: cls.DISPLAY_NAME for name, cls in NODE_CLASS_MAPPINGS.items()}
 
 for _cls in NODE_CLASS_MAPPINGS.values():

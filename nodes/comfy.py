@@ -90,7 +90,7 @@ def on_prompt(handler) -> None:
     it; nothing when there is no ComfyUI server (tests, plain Python)."""
     try:
         from server import PromptServer
-    except ImportError:
+    except Exception:  # noqa: BLE001 - no server (plain Python, a linter's import check): nothing to hook
         return
     instance = getattr(PromptServer, "instance", None)
     if instance is not None and hasattr(instance, "add_on_prompt_handler"):
@@ -239,3 +239,32 @@ def user_directory() -> str:
     if getattr(fp, "user_directory", None):
         return fp.user_directory
     return os.path.join(os.path.dirname(fp.get_output_directory()), "user")
+
+
+def save_path(prefix: str, width: int, height: int, temp: bool = False) -> tuple[str, str, int, str]:
+    """Where a saver writes: (folder, file name stem, counter, subfolder) in ComfyUI's output
+    (or temp) directory, with its %date% / %width% prefix rules and counter, as its savers."""
+    fp = _folder_paths()
+    root = fp.get_temp_directory() if temp else fp.get_output_directory()
+    folder, name, counter, subfolder, _ = fp.get_save_image_path(prefix, root, width, height)
+    return folder, name, counter, subfolder
+
+
+def metadata_disabled() -> bool:
+    """ComfyUI's --disable-metadata (savers then write no prompt or graph into files)."""
+    try:
+        from comfy.cli_args import args
+    except Exception:  # noqa: BLE001 - outside ComfyUI: metadata on
+        return False
+    return bool(getattr(args, "disable_metadata", False))
+
+
+def has_video_type() -> bool:
+    """True on a ComfyUI with the VIDEO type and SaveVideo (0.3.31, May 2025, and later): its
+    frontend previews an mp4 / webm output; the 2024 one shows only images."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("comfy_api.input") is not None
+    except (ImportError, ValueError):
+        return False

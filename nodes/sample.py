@@ -224,7 +224,7 @@ def _output(x: torch.Tensor, state, schedule: dict, jobs: list[JobPlan], tel: Te
 _COMMON = {
     "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS}),
     "shift": ("FLOAT", {"default": 5.0, "min": 0.01, "max": 100.0, "step": 0.01}),
-    "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+    "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
     "scheduler": (list(SOLVERS), {"default": "unipc"}),
     "schedule": (list(SCHEDULES), {"default": "wan"}),
 }

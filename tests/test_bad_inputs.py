@@ -267,7 +267,7 @@ def _good_job_runs(server) -> None:
     prompt = _set(_t2v(), "WanFitSampler", seed=next(_SEEDS))
     entry = server.client().run(prompt, timeout=120)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
-    assert entry["outputs"][node_of(prompt, "SaveAnimatedWEBP")]["images"]
+    assert entry["outputs"][node_of(prompt, "WanFitSaveVideo")]["images"]
 
 
 @pytest.mark.parametrize("case", list(REFUSED))

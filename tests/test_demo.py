@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
 
 from comfy_server import find_comfyui
 from pack import REPO_ROOT
@@ -46,9 +45,8 @@ def test_demo_writes_the_video_and_report(demo):
     assert report["overrides"] == {"width": 32, "height": 32, "steps": 2, "frames": 5}
     assert {"server_start_s", "queue_to_done_s", "write_tiny_models_s"} <= set(report["timings"])
     assert report["peak_host_memory_mb"] > 100
-    with Image.open(report["video"]["file"]) as webp:
-        assert webp.n_frames == 5 and webp.size == (32, 32)
-    assert report["video"]["frames"] == 5
+    assert report["video"]["file"].endswith(".mp4")
+    assert (report["video"]["frames"], report["video"]["width"], report["video"]["height"]) == (5, 32, 32)
     assert sum(n["class_type"] == "WanFitLoRA" for n in report["nodes"].values()) == 2  # the 4-step LoRA graph
     samplers = [n for n in report["nodes"].values() if n["class_type"] == "WanFitSampler"]
     assert len(samplers) == 2 and all(n["seconds"] > 0 for n in samplers)

@@ -356,7 +356,7 @@ def test_text_encoder_tokenizer_from_the_gguf_vocabulary(files, t5_ckpt):
     rebuilt = spm.SentencePieceProcessor(model_proto=t5_ckpt.tokenizer_model)
     assert rebuilt.get_piece_size() == original.get_piece_size()
     assert (rebuilt.unk_id(), rebuilt.eos_id(), rebuilt.pad_id(), rebuilt.bos_id()) == (2, 1, 0, -1)
-    texts = ["a cat walks over the lake", "  Zoom   close-up, WIDE shot!  ", "ｃａｔ ﬁre smoke", "dance 123 \u00e9t\u00e9 水"]
+    texts = ["a cat walks over the lake", "  Zoom   close-up, WIDE shot!  ", "\uff43\uff41\uff54 \ufb01re smoke", "dance 123 \u00e9t\u00e9 \u6c34"]
     for text in texts:
         assert rebuilt.encode(text) == original.encode(text), text
     _, tokenizer = G.load_text_encoder_gguf(t5_ckpt)

@@ -21,7 +21,7 @@ def server(wan_models, comfy_server):
 def _run(server, prompt: dict) -> None:
     entry = server.client().run(prompt, timeout=240)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    assert entry["outputs"][node_of(prompt, "SaveAnimatedWEBP")]["images"]
+    assert entry["outputs"][node_of(prompt, "WanFitSaveVideo")]["images"]
 
 
 def test_the_loaders_list_gguf_files(server):

@@ -24,7 +24,7 @@ def test_magcache_across_two_chained_samplers_over_http(wan_models, comfy_server
         prompt[key]["inputs"]["step_cache"] = ["90", 0]
     entry = comfy_server.client().run(prompt, timeout=240)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    assert entry["outputs"][node_of(prompt, "SaveAnimatedWEBP")]["images"]
+    assert entry["outputs"][node_of(prompt, "WanFitSaveVideo")]["images"]
     lines = [line for line in comfy_server.log().splitlines() if "WanFit MagCache (threshold 0.06, K 2" in line]
     assert len(lines) == 2, lines  # one per Sampler node
     # the second pass reports the whole job: its skips sit in the low-noise expert (i2v rule)

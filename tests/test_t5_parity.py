@@ -33,7 +33,7 @@ TINY = dict(d_model=32, num_layers=2, num_heads=4, d_kv=8, d_ff=64)
 @pytest.fixture(scope="module")
 def spiece() -> bytes:
     rng = random.Random(0)
-    syllables = "ka lo mi ne ru ta shi po an el ü é 日 本 s t".split()
+    syllables = "ka lo mi ne ru ta shi po an el ü é \u65e5 \u672c s t".split()
     words = ["the", "a", "cat", "dog", "red", "car", "city", "night", "camera", "it's", "don't", "\"hi\""]
     words += ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(300)]
     corpus = [" ".join(rng.choice(words) for _ in range(12)) + rng.choice([".", ",", "!", ""])
@@ -95,9 +95,9 @@ TEXTS = [
     "the red car",
     "  kaloshi   ne\tru\n\nta  ",
     "&amp;lt;b&amp;gt; a cat &amp; a dog",
-    "ＦＵＬＬ width ﬁ ligature and QQQ unknown 🙂 chars",
+    "\uff26\uff35\uff2c\uff2c width \ufb01 ligature and QQQ unknown \U0001f642 chars",
     "the cat</s> a dog</s>tashi <pad> <unk>",
-    "日本 café über",
+    "\u65e5\u672c café über",
     " ".join(["the city at night"] * 200),  # truncated: 511 tokens + EOS
 ]
 

@@ -1,16 +1,18 @@
 """The shipped workflows: every node and widget value valid on a real ComfyUI, UI and API
-files the same graph, and each API workflow run over HTTP on the factory models (small
-size, few steps, frame counts kept) to a saved animated WEBP with the right frame count."""
+files the same graph, the builder's socket tables the nodes' own, and each API workflow run
+over HTTP on the factory models (small size, few steps, frame counts kept) to a saved mp4
+with the right frame count."""
 from __future__ import annotations
 
 import json
+import urllib.parse
 
 import pytest
-from PIL import Image
 
 from e2e import WORKFLOWS, api_workflow, build, node_of, small, upload_image, wan_models  # noqa: F401
 
 pytestmark = pytest.mark.e2e
+av = pytest.importorskip("av")
 
 NAMES = sorted(build.GRAPHS)
 FRAMES = {"wan22_i2v_a14b_61f_32gb": 61, "wan22_i2v_a14b_81f_32gb": 81, "wan22_i2v_a14b_61f_32gb_20step": 61,
@@ -63,9 +65,26 @@ def test_the_32gb_i2v_graphs_run_the_4step_loras():
 
 def test_files_are_current():
     for name, make in build.GRAPHS.items():
-        nodes = make()
-        assert json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()) == build.to_api(nodes), name
-        assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == build.to_ui(nodes), name
+        assert json.loads((WORKFLOWS / "api" / f"{name}.json").read_text()) == build.to_api(make()), name
+        assert json.loads(build.ui_file(name).read_text()) == build.to_ui(build.ui_graph(name)), name
+    shipped = {p.name for p in WORKFLOWS.glob("*.json")} | {p.name for p in (WORKFLOWS / "api").glob("*.json")}
+    expected = {build.ui_file(n).name for n in build.GRAPHS} | {f"{n}.json" for n in build.GRAPHS}
+    assert shipped == expected, "stale workflow files: run python workflows/build.py"
+
+
+def test_builder_tables_match_the_nodes(object_info):
+    """build.py's socket lists (the UI links' slots and the layout's rows) and its text boxes
+    are what ComfyUI reports for each node."""
+    used = {n.type for make in build.GRAPHS.values() for n in make()}
+    for cls in sorted(used):
+        info = object_info[cls]
+        sockets = [(name, spec[0]) for section in ("required", "optional")
+                   for name, spec in info["input"].get(section, {}).items() if not _is_widget(spec)]
+        assert build.INPUTS.get(cls, []) == sockets, cls
+        assert [t for _, t in build.OUTPUTS[cls]] == list(info["output"]), cls
+        boxes = {name for name, spec in _inputs(info).items()
+                 if spec[0] == "STRING" and len(spec) > 1 and spec[1].get("multiline")}
+        assert boxes == {name for kind, name in build.TEXT_BOXES if kind == cls}, cls
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -99,6 +118,8 @@ def _api_from_ui(ui: dict, object_info: dict) -> dict:
     links = {row[0]: row for row in ui["links"]}
     graph = {}
     for node in ui["nodes"]:
+        if node["type"] in build.VIRTUAL:
+            continue  # the note: the editor's own, never sent to /prompt
         inputs = {}
         linked = {i["name"] for i in node["inputs"] if i["link"] is not None}
         values = list(node["widgets_values"])
@@ -123,7 +144,7 @@ def _api_from_ui(ui: dict, object_info: dict) -> dict:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_and_api_are_the_same_graph(name, object_info):
-    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    ui = json.loads(build.ui_file(name).read_text())
     assert _api_from_ui(ui, object_info) == api_workflow(name)
 
 
@@ -133,12 +154,16 @@ def test_workflow_runs_over_http(name, server):
     prompt = small(api_workflow(name), size=32)
     entry = server.client().run(prompt, timeout=240)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    images = entry["outputs"][node_of(prompt, "SaveAnimatedWEBP")]["images"]
-    assert len(images) == 1
-    path = server.output_dir / images[0]["subfolder"] / images[0]["filename"]
-    with Image.open(path) as webp:
-        assert webp.n_frames == FRAMES[name]
-        assert webp.size == (32, 32)
+    video = entry["outputs"][node_of(prompt, "WanFitSaveVideo")]["images"][0]  # a preview may follow (2024 ComfyUI)
+    path = server.output_dir / video["subfolder"] / video["filename"]
+    assert path.suffix == ".mp4"
+    with av.open(str(path)) as f:
+        stream = f.streams.video[0]
+        assert sum(1 for _ in f.decode(stream)) == FRAMES[name]
+        assert (stream.codec_context.name, stream.width, stream.height) == ("h264", 32, 32)
+        assert stream.average_rate == (24 if "ti2v" in name else 16)
+        stored = json.loads(f.metadata["prompt"])  # ComfyUI's hidden PROMPT, as its savers store it
+        assert {k: v["inputs"] for k, v in stored.items()} == {k: v["inputs"] for k, v in prompt.items()}
 
 
 def test_ui_workflows_are_served_as_templates(comfy_server):
@@ -152,9 +177,12 @@ def test_ui_workflows_are_served_as_templates(comfy_server):
             templates = json.load(resp)
     except urllib.error.HTTPError as err:
         pytest.skip(f"this ComfyUI has no /workflow_templates route ({err.code})")
-    assert sorted(templates["ComfyUI-WanFit-under-test"]) == NAMES
+    assert sorted(templates["ComfyUI-WanFit-under-test"]) == sorted(t.name for t in build.TEMPLATES.values())
     name = NAMES[0]
-    url = f"{comfy_server.url}/api/workflow_templates/ComfyUI-WanFit-under-test/{name}.json"
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    base = f"{comfy_server.url}/api/workflow_templates/ComfyUI-WanFit-under-test/"
+    with urllib.request.urlopen(base + urllib.parse.quote(f"{build.TEMPLATES[name].name}.json"), timeout=10) as resp:
         served = json.load(resp)
-    assert {n["type"] for n in served["nodes"]} == {n.type for n in build.GRAPHS[name]()}
+    assert {n["type"] for n in served["nodes"]} == {n.type for n in build.ui_graph(name)}
+    # the picture the template browser asks for, beside the workflow
+    with urllib.request.urlopen(base + urllib.parse.quote(f"{build.TEMPLATES[name].name}.jpg"), timeout=10) as resp:
+        assert resp.read(3) == b"\xff\xd8\xff"

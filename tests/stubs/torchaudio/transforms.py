@@ -1,0 +1,3 @@
+class MelSpectrogram:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("torchaudio is a test stub here")
