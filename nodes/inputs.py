@@ -126,10 +126,12 @@ def _number(name: str, value, cast, what: str):
 
 
 def declared(cls) -> dict[str, tuple[object, bool]]:
-    """Input name -> (its INPUT_TYPES entry, required) for the visible inputs of ``cls``."""
+    """Input name -> (its INPUT_TYPES entry, required) for the inputs of ``cls``; hidden ones
+    (ComfyUI fills them: the prompt, the workflow) are taken as they come."""
     spec = cls.INPUT_TYPES()
-    return {name: (entry, section == "required") for section in ("required", "optional")
-            for name, entry in (spec.get(section) or {}).items()}
+    visible = {name: (entry, section == "required") for section in ("required", "optional")
+               for name, entry in (spec.get(section) or {}).items()}
+    return {**{name: ((None,), False) for name in spec.get("hidden") or {}}, **visible}
 
 
 def check(cls, values: dict, defaults: set[str] = frozenset()) -> dict:

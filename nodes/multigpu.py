@@ -110,7 +110,11 @@ class WanFitMultiGPU:
         return True
 
     def apply(self, model: ModelHandle, devices: str, mode: str):
-        return (dataclasses.replace(model, parallel=MultiGPU(parse_devices(devices), mode)),)
+        found = parse_devices(devices)
+        if len(found) == 1:  # one device: the sampler's own path, on ComfyUI's device
+            log.info("WanFit Multi-GPU: one device (%s): %s runs as without the node", found[0], model.name)
+            return (dataclasses.replace(model, parallel=None),)
+        return (dataclasses.replace(model, parallel=MultiGPU(found, mode)),)
 
 
 NODES = {"WanFitMultiGPU": WanFitMultiGPU}

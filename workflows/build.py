@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 OUTPUTS = {
     "WanFitModelLoader": [("WANFIT_MODEL", "WANFIT_MODEL")],
     "WanFitLoRA": [("WANFIT_MODEL", "WANFIT_MODEL")],
+    "WanFitMultiGPU": [("WANFIT_MODEL", "WANFIT_MODEL")],
     "WanFitVAELoader": [("WANFIT_VAE", "WANFIT_VAE")],
     "WanFitTextEncoderLoader": [("WANFIT_TEXT_ENCODER", "WANFIT_TEXT_ENCODER")],
     "WanFitCLIPVisionLoader": [("WANFIT_CLIP_VISION", "WANFIT_CLIP_VISION")],
@@ -48,6 +49,7 @@ OUTPUTS = {
 }
 INPUTS = {
     "WanFitLoRA": [("model", "WANFIT_MODEL")],
+    "WanFitMultiGPU": [("model", "WANFIT_MODEL")],
     "WanFitTextEncode": [("text_encoder", "WANFIT_TEXT_ENCODER")],
     "WanFitImageToVideoEncode": [("vae", "WANFIT_VAE"), ("start_image", "IMAGE"), ("end_image", "IMAGE"),
                                  ("clip_vision", "WANFIT_CLIP_VISION"), ("tiling", "WANFIT_VAE_TILING")],
@@ -223,13 +225,16 @@ GGUF_EXPERTS = "wan2.2_i2v_{}_noise_14B_Q4_K_M.gguf"  # city96's file names
 START_IMAGE = "example.png"  # ComfyUI ships it in input/, so a fresh install runs the graph as it is
 
 
-def wan22_i2v_a14b(frames: int, lora: bool = True, experts: str = EXPERTS, windows: bool = False) -> list[Node]:
+def wan22_i2v_a14b(frames: int, lora: bool = True, experts: str = EXPERTS, windows: bool = False,
+                   size: tuple[int, int] = (832, 480), gpus: bool = False) -> list[Node]:
     """Wan 2.2 I2V-A14B, two chained samplers. With ``lora``: the lightx2v 4-step LoRAs (one per
     expert), 4 steps at cfg 1 (no negative pass), switch at 2, euler on ComfyUI's simple
     schedule, as the official ComfyUI template's "4steps LoRA" path. Without: 20 steps,
     cfg 3.5, switch at 10, unipc on the official Wan schedule. ``windows``: both samplers run
     81-frame context windows (30 frames of overlap, static, pyramid fusion, every window's
-    first frame anchored on the start image)."""
+    first frame anchored on the start image). ``size``: the video's width and height.
+    ``gpus``: each expert through a WanFit Multi-GPU node on every GPU (auto: with cfg 1 they
+    split the tokens)."""
     nodes = [
         _model(1, experts.format("high"), title="High-noise expert"),
         _model(2, experts.format("low"), title="Low-noise expert"),
@@ -242,9 +247,16 @@ def wan22_i2v_a14b(frames: int, lora: bool = True, experts: str = EXPERTS, windo
                   _lora(13, 2, LIGHTX2V.format("low"), "4-step LoRA (low noise)")]
     nodes += [
         _prompt("a white cat walks along a sunny harbour wall, the camera follows slowly"),
-        Node(7, "WanFitImageToVideoEncode", {"width": 832, "height": 480, "frames": frames},
+        Node(7, "WanFitImageToVideoEncode", {"width": size[0], "height": size[1], "frames": frames},
              {"vae": (4, 0), "start_image": (5, 0)}, column=1),
     ]
+    high, low = (12, 13) if lora else (1, 2)
+    if gpus:
+        nodes += [Node(15, "WanFitMultiGPU", {"devices": "all", "mode": "auto"}, {"model": (high, 0)}, column=1,
+                       title="Multi-GPU (high noise)"),
+                  Node(16, "WanFitMultiGPU", {"devices": "all", "mode": "auto"}, {"model": (low, 0)}, column=1,
+                       title="Multi-GPU (low noise)")]
+        high, low = 15, 16
     win = None
     if windows:
         win = 14
@@ -254,19 +266,20 @@ def wan22_i2v_a14b(frames: int, lora: bool = True, experts: str = EXPERTS, windo
             column=1, title="Context windows (81 frames)"))
     if lora:
         nodes += [
-            _sampler(8, 12, 0, 2, True, True, steps=4, cfg=1.0, scheduler="euler", schedule="simple",
+            _sampler(8, high, 0, 2, True, True, steps=4, cfg=1.0, scheduler="euler", schedule="simple",
                      title="Sampler (high noise, steps 0-2)", windows=win),
-            _sampler(9, 13, 2, 10000, False, False, steps=4, cfg=1.0, scheduler="euler",
+            _sampler(9, low, 2, 10000, False, False, steps=4, cfg=1.0, scheduler="euler",
                      schedule="simple", latent=8, title="Sampler (low noise, steps 2-4)", windows=win),
         ]
-        prefix = f"wanfit_i2v_a14b_{frames}f" + ("_gguf" if experts == GGUF_EXPERTS else "")
+        prefix = f"wanfit_i2v_a14b_{frames}f" + ("_gguf" if experts == GGUF_EXPERTS else "") + (
+            f"_{size[1]}p_multigpu" if gpus else "")
     else:
         nodes += [
-            _sampler(8, 1, 0, 10, True, True, title="Sampler (high noise, steps 0-10)"),
-            _sampler(9, 2, 10, 10000, False, False, latent=8, title="Sampler (low noise, steps 10-20)"),
+            _sampler(8, high, 0, 10, True, True, title="Sampler (high noise, steps 0-10)"),
+            _sampler(9, low, 10, 10000, False, False, latent=8, title="Sampler (low noise, steps 10-20)"),
         ]
         prefix = f"wanfit_i2v_a14b_{frames}f_20step"
-    return [*nodes, *_tail(4, 9, prefix, 16, (832, 480))]
+    return [*nodes, *_tail(4, 9, prefix, 16, size)]
 
 
 def wan22_t2v_a14b() -> list[Node]:
@@ -317,6 +330,7 @@ GRAPHS = {
     "wan22_t2v_a14b_81f_32gb": wan22_t2v_a14b,
     "wan21_t2v_1.3b_low_ram": wan21_t2v_13b_low_ram,
     "wan22_ti2v_5b_121f": wan22_ti2v_5b,
+    "wan22_i2v_a14b_720p_2gpu": lambda: wan22_i2v_a14b(81, size=(1280, 720), gpus=True),
 }
 
 
@@ -355,6 +369,10 @@ TEMPLATES = {  # most useful first
                                                _A14B_32),
     "wan22_i2v_a14b_61f_32gb_20step": Template(9, "Wan 2.2 14B image to video, 61 frames, 20 steps (32 GB)",
                                                _A14B_32),
+    "wan22_i2v_a14b_720p_2gpu": Template(
+        10, "Wan 2.2 14B image to video, 720p, 81 frames, 4 steps (2 GPUs)",
+        "two (or more) GPUs of 24 GB: each expert split over every GPU, the video's tokens shared out "
+        "(planned 18.0 GiB a GPU with 2; the device count must divide 40, the experts' attention heads)"),
 }
 
 
