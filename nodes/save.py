@@ -6,6 +6,7 @@ import os
 
 from ..optim import video
 from . import comfy
+from .inputs import show
 
 log = logging.getLogger("WanFit")
 PREVIEW_SIZE = 512  # the 2024 frontend's preview (an animated WEBP) is scaled to this longer side
@@ -39,6 +40,10 @@ class WanFitSaveVideo:
                             "better and bigger; 19 looks near lossless, 23 is H.264's default."}),
         }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        return prefix_problem(filename_prefix) or True
+
     def save(self, images, filename_prefix: str, fps: float, format: str, crf: int, prompt=None,
              extra_pnginfo=None):
         metadata = {}
@@ -66,6 +71,24 @@ class WanFitSaveVideo:
         # The 2024 frontend shows outputs as <img>: the video file fails to load there and is
         # skipped, so an animated WEBP preview (temp folder) follows it.
         return {"ui": {"images": results + [_webp_preview(images, fps)], "animated": (True,)}}
+
+
+NAME_BYTES = 200  # a file name's limit is 255 bytes on common file systems; the counter and suffix need the rest
+
+
+def prefix_problem(prefix) -> str | None:
+    """What is wrong with ``filename_prefix`` (None: nothing, or it comes over a link): every
+    part a file name can hold, inside the output folder."""
+    if not isinstance(prefix, str):
+        return None
+    parts = prefix.replace("\\", "/").split("/")
+    if "\x00" in prefix or prefix.startswith("/") or ".." in parts:
+        return f"filename_prefix {show(prefix)}: a name inside the output folder (subfolders with /, no .. or /)"
+    long = next((p for p in parts if len(p.encode()) > NAME_BYTES), None)
+    if long is not None:
+        return (f"filename_prefix: the part {show(long[:24])}... is {len(long.encode())} bytes long; a file name "
+                f"holds {NAME_BYTES}")
+    return None
 
 
 def _webp_preview(images, fps: float) -> dict:

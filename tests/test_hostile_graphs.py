@@ -230,3 +230,22 @@ def test_graphs_that_killed_the_job_thread_are_refused_at_prompt(server, case):
     _assert_clear(text, *needles, server=server)
     assert reply.get("node_errors"), text  # under a node, as every other refusal
     _good_job(server)
+
+
+# --- each mistake once ----------------------------------------------------------------------
+
+def test_each_mistake_is_reported_once(server):
+    """A file that is not in the folder: ComfyUI's "Value not in list", not also ours; the
+    Wan 2.2 VAE with A14B: under one of the two chained Samplers, not both."""
+    prompt = _chained()
+    prompt["4"]["inputs"]["file"] = "no_such_vae.safetensors"
+    status, reply = server.client().queue_prompt(prompt)
+    assert status == 400
+    errors = reply["node_errors"]["4"]["errors"]
+    assert len(errors) == 1 and errors[0]["type"] == "value_not_in_list", errors
+    prompt = _chained()
+    prompt["4"]["inputs"]["file"] = "wan2.2_vae.safetensors"
+    status, reply = server.client().queue_prompt(prompt)
+    assert status == 400
+    text = json.dumps(reply["node_errors"])
+    assert text.count("is the Wan 2.2 VAE") == 1, text
