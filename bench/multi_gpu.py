@@ -61,9 +61,12 @@ def build(dim: int, layers: int, device: str) -> WanModel:
     return model.requires_grad_(False)
 
 
+def frames_for(tokens: int) -> int:
+    return max(1, tokens // 256)  # 16 x 16 tokens per frame
+
+
 def call_inputs(model: WanModel, tokens: int, device: str) -> dict:
-    f = max(1, tokens // 256)  # 16 x 16 tokens per frame
-    x = torch.randn(2, 16, f, 32, 32, device=device)
+    x = torch.randn(2, 16, frames_for(tokens), 32, 32, device=device)
     return dict(x=x, t=torch.full((2,), 700.0, device=device), context=torch.randn(2, 64, model.config.text_dim,
                                                                                  device=device))
 
@@ -130,9 +133,8 @@ def measure(args, device_kind: str, world: int) -> dict:
     mp.start_processes(_spawn_entry, args=(world, free_port(), args, device_kind, queue), nprocs=world,
                        start_method="spawn")
     rows = queue.get()
-    tokens = call_inputs(build(64 * 2, 1, "cpu"), args.tokens, "cpu")["x"][0, 0].numel() // 4
     result = {"device": device_kind, "ranks": world, "threads_per_rank": 1, "dim": args.dim, "layers": args.layers,
-              "tokens": tokens, "batch": 2, "one_process_s": one}
+              "tokens": frames_for(args.tokens) * 256, "batch": 2, "one_process_s": one}
     for name, row in rows.items():
         result[name] = {**row, "speedup": one["median"] / row["seconds"]["median"]}
     return result

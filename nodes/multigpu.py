@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from ..optim import files
 from ..optim.lora import open_lora
-from ..optim.parallel import MODES, DistComm, Mesh, ParallelBlocks, ParallelError, choose_mesh, sequence_counts
+from ..optim.parallel import MODES, DistComm, Mesh, ParallelBlocks, ParallelError, choose_mesh
 from ..optim.pool import REMOTE, Cancelled, Member, Pool, PoolError
 from ..optim.step_cache import StepCache
 from . import comfy, graph
