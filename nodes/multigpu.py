@@ -119,18 +119,6 @@ class WanFitMultiGPU:
 NODES = {"WanFitMultiGPU": WanFitMultiGPU}
 
 
-def mesh_problem(handle: ModelHandle, cfg: float) -> str | None:
-    """Why ``handle``'s Multi-GPU settings cannot run at this cfg (None: they can)."""
-    settings = handle.parallel
-    if not isinstance(settings, MultiGPU):
-        return None
-    try:
-        choose_mesh(len(settings.devices), settings.mode, cfg != 1.0, handle.config)
-    except ParallelError as err:
-        return f"WanFit Multi-GPU on {handle.name}: {err}"
-    return None
-
-
 def _multigpu_check(prompt: dict, node_id: str):
     """At /prompt: a Multi-GPU node's devices against its model's heads and every sampler's cfg."""
     node = graph.node(prompt, node_id) or {}
@@ -149,17 +137,13 @@ def _multigpu_check(prompt: dict, node_id: str):
         return None
     cfgs = {graph.literal(n, name) for i, n in prompt.items() if isinstance(n, dict)
             for name in ("cfg", "cfg_high", "cfg_low")
-            if isinstance(graph.literal(n, name), (int, float)) and _feeds(prompt, node_id, i)}
+            if isinstance(graph.literal(n, name), (int, float)) and node_id in graph.ancestors(prompt, i)}
     for cfg in cfgs or {None}:
         try:
             choose_mesh(len(devices), mode, cfg is None or cfg != 1.0, config)
         except ParallelError as err:
             return f"{len(devices)} devices, mode {mode}" + (f", cfg {cfg:g}" if cfg is not None else "") + f": {err}"
     return None
-
-
-def _feeds(prompt: dict, source: str, target: str) -> bool:
-    return source in graph.ancestors(prompt, target)
 
 
 graph.register("WanFitMultiGPU")(_multigpu_check)
