@@ -49,6 +49,14 @@ class Finished:
                 return value if isinstance(value, dict) else None
         return None
 
+    def last_json_value(self) -> Any:
+        """The last line of stdout as JSON (any type), or None."""
+        lines = [line for line in self.stdout.splitlines() if line.strip()]
+        try:
+            return json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:
+            return None
+
     def error_tail(self, chars: int = 2000) -> str:
         text = (self.stderr.strip() or self.stdout.strip())
         return text[-chars:]
@@ -161,18 +169,25 @@ def _nvidia_driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
+_GPU_QUERY = """
+import json, torch
+print(json.dumps([{"index": i, "name": p.name, "memory_bytes": int(p.total_memory),
+                   "capability": f"{p.major}.{p.minor}"}
+                  for i, p in ((i, torch.cuda.get_device_properties(i)) for i in range(torch.cuda.device_count()))]))
+"""
+
+
 def gpus() -> list[dict[str, Any]]:
-    """Every CUDA device torch sees: name, memory, compute capability."""
+    """Every CUDA device torch sees: name, memory, compute capability. Asked in a child process:
+    the first property query creates a CUDA context, which this (parent) process would then hold,
+    with its memory, through every bench it runs."""
     import torch
 
     if not torch.cuda.is_available():
         return []
-    found = []
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        found.append({"index": i, "name": p.name, "memory_bytes": int(p.total_memory),
-                      "capability": f"{p.major}.{p.minor}"})
-    return found
+    done = run_process([sys.executable, "-c", _GPU_QUERY], timeout=120)
+    found = done.last_json_value()
+    return found if isinstance(found, list) else [{"error": done.error_tail(500)}]
 
 
 def machine_info() -> dict[str, Any]:

@@ -44,7 +44,7 @@ def _bench(report: dict, name: str) -> dict | None:
 
 def _source(report: dict, path: str, command: str) -> str:
     m = report["machine"]
-    gpus = ", ".join(g["name"] for g in m.get("gpus", [])) or "no GPU"
+    gpus = ", ".join(str(g.get("name")) for g in m.get("gpus", [])) or "no GPU"
     load = m.get("load_avg")
     commit = (report["git"].get("commit") or "?")[:7] + (" + local changes" if report["git"].get("dirty") else "")
     busy = f", 1-minute load {load[0]:.1f} at start" if load else ""

@@ -118,9 +118,9 @@ def main() -> None:
             if fast_ok:
                 x8, sx = fp8.quantize_weight(x, "e4m3fn")  # per-tensor, like the layer's own input step
                 paths["fp8_scaled_mm"] = lambda: fp8.scaled_mm_linear(x, layer.weight, layer.scale_weight, layer.bias)
+                sa, sb = sx.float().reshape(()), layer.scale_weight.float().reshape(())  # scalar scales
                 paths["fp8_gemm_only"] = lambda: torch._scaled_mm(
-                    x8, layer.weight.t(), scale_a=sx, scale_b=layer.scale_weight, bias=layer.bias,
-                    out_dtype=torch.bfloat16)
+                    x8, layer.weight.t(), scale_a=sa, scale_b=sb, bias=layer.bias, out_dtype=torch.bfloat16)
             row = {}
             for path, fn in paths.items():
                 ms, peak = measure(fn, repeats, device)

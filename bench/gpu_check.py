@@ -123,9 +123,9 @@ def forward_peak(config, grid: tuple[int, int, int], batch: int, weights: str, d
     device = torch.device(device)
     dtype = dtype or torch.bfloat16
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device(device):  # initialised on the device: 14B-sized blocks take long on a CPU
         model = WanModel(config)
-    model = model.to(dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if weights.startswith("fp8"):
         fp8.quantize_module(model, "e4m3fn", dtype)
     inputs = dit_inputs(config, grid, batch, dtype, device=device)
@@ -193,7 +193,7 @@ def part_vae(device: str, tiny: bool) -> dict:
         report = vae_tiling.run([(384, 128)], seconds=0.0, dtype=torch.bfloat16, budget=0.7,
                                 config=Wan21VAEConfig(dim=8), device=device)
     else:
-        report = vae_tiling.run([(832, 480)], seconds=3.0, dtype=torch.bfloat16, budget=0.35, device=device)
+        report = vae_tiling.run([(832, 480)], seconds=2.0, dtype=torch.bfloat16, budget=0.35, device=device)
     for r in report["sizes"]:
         for stage in ("decode", "encode"):
             u, t = r["untiled"][stage], r["tiled"][stage]
@@ -223,7 +223,10 @@ def standalone_comfy(models: dict[str, Path], device):
         free = torch.cuda.mem_get_info(dev)[0]
         return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
 
-    hooks = {"compute_device": lambda: torch.device(device),
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    hooks = {"compute_device": lambda: dev,
              "free_vram": free_vram,
              "unload_comfy_models": lambda nbytes, dev: None,
              "free_memory_cache": lambda: torch.cuda.empty_cache() if torch.cuda.is_available() else None,
@@ -311,6 +314,7 @@ def part_sampling(device: str, tiny: bool) -> dict:
                         "transfer_wait_s": tel["transfer_wait_s"],
                         "plans": [{k: p.get(k) for k in ("resident", "swapped", "prefetch", "batch", "peak_vram", "note")
                                    if k in p} for p in out[PLAN_KEY]],
+                        "telemetry": tel,
                         "latent_finite": bool(torch.isfinite(out["samples"]).all())}
                     r = result["runs"][run]
                     print(f"{run}: {r['s_per_step']:.3f} s/step ({r['steady_s_per_step']:.3f} steady), "
@@ -508,7 +512,7 @@ def _run_part(part: Part, ctx: Context, out_dir: Path, timeout: float) -> dict:
 def write_summary(report: dict, path: Path, summaries: dict[str, Callable | None] | None = None) -> str:
     """The report as a short text (``summaries``: each part's summary function, by name)."""
     m = report["machine"]
-    gpus = ", ".join(f"{g['name']} ({g['memory_bytes'] / GIB:.0f} GiB, capability {g['capability']})"
+    gpus = ", ".join(f"{g.get('name')} ({g.get('memory_bytes', 0) / GIB:.0f} GiB, capability {g.get('capability')})"
                      for g in m.get("gpus", [])) or "no CUDA device"
     lines = [f"WanFit GPU check, {report['date']}, commit {(report['git'].get('commit') or '?')[:10]}"
              + (" (dirty)" if report["git"].get("dirty") else ""),
@@ -595,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     selected = [p for p in parts() if p.name in only]
     print(f"gpu_check: {len(selected)} parts within {args.budget:.0f} s on {args.device} "
-          f"({', '.join(g['name'] for g in report['machine']['gpus']) or 'CPU'}); writing {args.out}", flush=True)
+          f"({', '.join(str(g.get('name')) for g in report['machine']['gpus']) or 'CPU'}); writing {args.out}",
+          flush=True)
     report = run_parts(selected, ctx, args.out, args.budget, report)
     print()
     print((args.out / "summary.txt").read_text(encoding="utf-8"))

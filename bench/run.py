@@ -115,7 +115,7 @@ def unregistered(bench_dir: Path = common.BENCH_DIR) -> list[str]:
 def table(report: dict[str, Any]) -> str:
     """The report as text: a line per bench, then its figures (median [min .. max] unit)."""
     m = report["machine"]
-    gpu = ", ".join(f"{g['name']} ({g['memory_bytes'] / 2**30:.0f} GiB)" for g in m.get("gpus", [])) or "no GPU"
+    gpu = ", ".join(f"{g.get('name')} ({g.get('memory_bytes', 0) / 2**30:.0f} GiB)" for g in m.get("gpus", [])) or "no GPU"
     commit = (report["git"].get("commit") or "?")[:10] + (" (dirty)" if report["git"].get("dirty") else "")
     load = m.get("load_avg")
     lines = [f"WanFit bench, size {report['size']}, {report['date']}, commit {commit}",
