@@ -125,6 +125,27 @@ def summarize(samples: list[float]) -> dict[str, float | int]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
+def figure_entry(f: dict) -> dict:
+    """A figure as the report keeps it: unit, direction, timing or exact, statistics, samples."""
+    return {"unit": f["unit"], "better": f["better"], "timing": f.get("timing", False), **summarize(f["samples"]),
+            "samples": f["samples"]}
+
+
+def load_avg() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_per_core(runs: list[dict]) -> float | None:
+    """The CPU load a bench ran under: the 1-minute load average at the start and end of each of
+    its processes, averaged, per usable core (1.0: every core busy; above: processes waiting)."""
+    values = [v for r in runs for v in r.get("load") or () if v is not None]
+    return round(sum(values) / len(values) / usable_cores(), 2) if values else None
+
+
 # ----------------------------------------------------------------------------- the machine
 
 def _cpu() -> dict[str, Any]:
@@ -140,7 +161,7 @@ def _cpu() -> dict[str, Any]:
                     flags = set(value.split())
     except OSError:
         pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = usable_cores()
     return {"model": model, "arch": platform.machine(), "flags": [f for f in CPU_FLAGS if f in flags],
             "logical_cores": os.cpu_count(), "usable_cores": usable}
 

@@ -9,12 +9,15 @@ Verdicts, per figure present in both reports:
     regressed   worse by more than the threshold, every NEW repeat outside BASE's range
     improved    better by more than the threshold, likewise outside the range
     changed     an "info" figure (no better direction) moved beyond the threshold
+    load        a timing figure whose two runs had CPU loads more than ``--load-tolerance``
+                apart (1-minute load average per core): not judged, since on a shared machine
+                the other processes, not the code, move it; exact figures are always judged
 
 A bench that ran in BASE and failed or timed out in NEW is "broken" and counts as a
 regression; figures only in one report are listed as new or gone. Exit status 1 when
 anything regressed or broke, 0 otherwise, 2 for unreadable input.
 
-    python bench/compare.py BASE.json NEW.json [--threshold 10] [--all] [--json OUT.json]
+    python bench/compare.py BASE.json NEW.json [--threshold 10] [--load-tolerance 0.5] [--all] [--json OUT.json]
 """
 from __future__ import annotations
 
@@ -29,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 DEFAULT_THRESHOLD = 10.0  # percent
+DEFAULT_LOAD_TOLERANCE = 0.5  # 1-minute load average per core
 BAD = ("regressed", "broken")
-ORDER = ("broken", "regressed", "improved", "fixed", "noise", "changed", "unchanged", "new", "gone", "not run")
+ORDER = ("broken", "regressed", "improved", "fixed", "noise", "load", "changed", "unchanged", "new", "gone",
+         "not run")
 
 
 def verdict(base: dict, new: dict, threshold: float) -> tuple[str, float]:
@@ -52,10 +57,12 @@ def verdict(base: dict, new: dict, threshold: float) -> tuple[str, float]:
     return ("regressed" if worse else "improved"), ratio
 
 
-def compare(base: dict, new: dict, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+def compare(base: dict, new: dict, threshold: float = DEFAULT_THRESHOLD,
+            load_tolerance: float = DEFAULT_LOAD_TOLERANCE) -> dict[str, Any]:
     """Every figure and bench of two reports, judged; ``rows`` sorted worst first."""
     rows: list[dict[str, Any]] = []
     benches: dict[str, str] = {}
+    loaded: list[str] = []
     for name in sorted(set(base["benches"]) | set(new["benches"])):
         b, n = base["benches"].get(name), new["benches"].get(name)
         b_status = b["status"] if b else "absent"
@@ -75,6 +82,10 @@ def compare(base: dict, new: dict, threshold: float = DEFAULT_THRESHOLD) -> dict
         else:
             benches[name] = "compared"
         bf, nf = b["figures"], n["figures"]
+        loads = (b.get("load_per_core"), n.get("load_per_core"))
+        load_apart = None not in loads and abs(loads[0] - loads[1]) > load_tolerance
+        if None not in loads and max(loads) > 1 and not load_apart:
+            loaded.append(name)
         for fig in sorted(set(bf) | set(nf)):
             if fig not in nf:
                 rows.append({"bench": name, "figure": fig, "verdict": "gone", "base": bf[fig]})
@@ -84,13 +95,20 @@ def compare(base: dict, new: dict, threshold: float = DEFAULT_THRESHOLD) -> dict
                              "new": nf[fig]})
                 continue
             v, ratio = verdict(bf[fig], nf[fig], threshold)
-            rows.append({"bench": name, "figure": fig, "verdict": v, "ratio": ratio, "base": bf[fig], "new": nf[fig]})
+            row = {"bench": name, "figure": fig, "verdict": v, "ratio": ratio, "base": bf[fig], "new": nf[fig]}
+            if load_apart and nf[fig].get("timing") and v not in ("unchanged", "noise"):
+                row.update(verdict="load", note=f"was {v}; CPU load {loads[0]:g} vs {loads[1]:g} per core")
+            rows.append(row)
     rows.sort(key=lambda r: (ORDER.index(r["verdict"]), r["bench"], r["figure"]))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
-    return {"threshold_pct": threshold, "rows": rows, "counts": counts, "benches": benches,
-            "warnings": _differences(base, new), "regressions": sum(counts.get(v, 0) for v in BAD)}
+    warnings = _differences(base, new)
+    if loaded:
+        warnings.append(f"timings judged under a CPU load above 1 per core (other processes running): "
+                        f"{', '.join(loaded)}; their verdicts are weak")
+    return {"threshold_pct": threshold, "load_tolerance": load_tolerance, "rows": rows, "counts": counts,
+            "benches": benches, "warnings": warnings, "regressions": sum(counts.get(v, 0) for v in BAD)}
 
 
 def _differences(base: dict, new: dict) -> list[str]:
@@ -120,7 +138,7 @@ def _range(f: dict) -> str:
 def format_result(result: dict, base_name: str, new_name: str, show_all: bool = False) -> str:
     lines = [f"BASE {base_name}", f"NEW  {new_name}", f"threshold {result['threshold_pct']:g} %"]
     lines += [f"warning: {w}" for w in result["warnings"]]
-    shown = [r for r in result["rows"] if show_all or r["verdict"] not in ("unchanged", "noise")]
+    shown = [r for r in result["rows"] if show_all or r["verdict"] not in ("unchanged", "noise", "load")]
     if shown:
         lines.append("")
         width = max(len(f"{r['bench']}/{r['figure']}") for r in shown)
@@ -128,8 +146,9 @@ def format_result(result: dict, base_name: str, new_name: str, show_all: bool = 
             name = f"{r['bench']}/{r['figure']}".rstrip("/")
             if "ratio" in r:
                 unit = r["new"].get("unit", "")
+                note = f"; {r['note']}" if r.get("note") else ""
                 lines.append(f"{r['verdict']:<10} {name:<{width}}  {_range(r['base'])} -> {_range(r['new'])} {unit}"
-                             f"  x{r['ratio']:.3f} ({r['new'].get('better', '')} is better)")
+                             f"  x{r['ratio']:.3f} ({r['new'].get('better', '')} is better{note})")
             else:
                 lines.append(f"{r['verdict']:<10} {name:<{width}}  {r.get('note', '')}".rstrip())
     lines += ["", "; ".join(f"{result['counts'][v]} {v}" for v in ORDER if v in result["counts"]) or "nothing compared"]
@@ -153,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("new", type=Path)
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"percent a median may move before it counts (default {DEFAULT_THRESHOLD:g})")
+    parser.add_argument("--load-tolerance", type=float, default=DEFAULT_LOAD_TOLERANCE,
+                        help="timings are judged only between runs whose CPU load per core differs by at most this "
+                             f"(default {DEFAULT_LOAD_TOLERANCE:g}; a large value judges them all)")
     parser.add_argument("--all", action="store_true", help="list unchanged figures too")
     parser.add_argument("--json", type=Path, help="write the comparison as JSON here")
     args = parser.parse_args(argv)
@@ -163,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as err:
         print(err, file=sys.stderr)
         return 2
-    result = compare(base, new, args.threshold)
+    result = compare(base, new, args.threshold, args.load_tolerance)
     print(format_result(result, str(args.base), str(args.new), args.all))
     if args.json:
         common.write_json(args.json, result)

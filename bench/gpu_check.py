@@ -416,7 +416,7 @@ def parts() -> list[Part]:
     return [
         Part("fp8", "fp8 _scaled_mm vs bf16 vs upcast at Wan 14B shapes", 40, 120,
              lambda c: c.script("fp8_matmul.py", "--device", c.device, *(["--tiny"] if c.tiny else [])),
-             figures=(lower("layers/*/*/ms", "ms"), higher("layers/*/speedup_scaled_mm_vs_bf16", "x"),
+             figures=(lower("layers/*/*/ms", "ms"), higher("layers/*/speedup_scaled_mm_vs_bf16", "x", timing=True),
                       lower("layers/*/*/peak_extra_mib", "MiB")), summary=_fp8_lines),
         Part("block_swap", "8 blocks of 14B size: resident vs swapped, prefetch 0/1/2, pinned vs staged", 90, 180,
              lambda c: c.script("prefetch.py", "--blocks", "8", "--repeats", "2", "--device", c.device,
@@ -425,7 +425,7 @@ def parts() -> list[Part]:
                       higher("h2d_pageable_GBps", "GB/s")), summary=_swap_lines),
         Part("planner", "planned activation peak vs torch.cuda.max_memory_allocated, two sizes", 45, 120,
              lambda c: c.part_command("planner"),
-             figures=(info("sizes/*/predicted_over_measured", "x"), lower("sizes/*/measured_bytes", "B"),
+             figures=(info("sizes/*/predicted_over_measured", "planned/measured"), lower("sizes/*/measured_bytes", "B"),
                       lower("sizes/*/forward_s", "s")), summary=_planner_lines),
         Part("vae", "Wan 2.1 VAE 832x480: whole frames vs tiles, measured vs planned", 60, 150,
              lambda c: c.part_command("vae"),
@@ -434,7 +434,9 @@ def parts() -> list[Part]:
              lambda c: c.part_command("sampling"),
              figures=(lower("runs/*/steady_s_per_step", "s"), lower("runs/*/vram_peak_allocated_gib", "GiB"),
                       lower("runs/*/transfer_wait_s", "s"), info("runs/*/h2d_gb", "GB")), summary=_sampling_lines),
-        # ---- parts other work adds: they run when their bench exists (detected, not assumed) ----
+        # ---- parts other work adds: they run when their bench exists (detected, not assumed). ----
+        # Their command lines are what those benches are expected to take (--device cuda|cpu,
+        # --tiny for the CPU dry run, --compiled); whoever lands a bench adjusts its line here.
         Part("sparse_attention", "sparse vs dense attention (bench/attention.py)", 60, 120,
              lambda c: c.script("attention.py", "--device", c.device, *(["--tiny"] if c.tiny else [])),
              available=_exists("attention.py"), optional=True),
@@ -483,10 +485,12 @@ def run_parts(selected: list[Part], ctx: Context, out_dir: Path, budget_s: float
 def _run_part(part: Part, ctx: Context, out_dir: Path, timeout: float) -> dict:
     cmd = part.command(ctx)
     print(f"== {part.name}: {part.what} (at most {timeout:.0f} s)\n   {' '.join(cmd)}", flush=True)
+    load = common.load_avg()
     done = common.run_process(cmd, timeout, echo=True)
     (out_dir / f"{part.name}.log").write_text(done.stdout, encoding="utf-8")
-    entry: dict[str, Any] = {"command": " ".join(cmd), "seconds": round(done.seconds, 1),
-                             "runs": [{"seconds": round(done.seconds, 2), "returncode": done.returncode}]}
+    runs = [{"seconds": round(done.seconds, 2), "returncode": done.returncode, "load": [load, common.load_avg()]}]
+    entry: dict[str, Any] = {"command": " ".join(cmd), "seconds": round(done.seconds, 1), "runs": runs,
+                             "load_per_core": common.load_per_core(runs)}
     raw = done.last_json()
     if done.timed_out:
         entry.update(status="timeout", reason=f"killed after {timeout:.0f} s", error=done.error_tail())
@@ -502,8 +506,7 @@ def _run_part(part: Part, ctx: Context, out_dir: Path, timeout: float) -> dict:
         except (KeyError, TypeError, ValueError, IndexError) as err:
             entry["figures_error"] = f"{type(err).__name__}: {err}"
             found = {}
-        entry["figures"] = {name: {"unit": f["unit"], "better": f["better"], **common.summarize(f["samples"]),
-                                   "samples": f["samples"]} for name, f in found.items()}
+        entry["figures"] = {name: common.figure_entry(f) for name, f in found.items()}
     print(f"== {part.name}: {entry['status']} in {done.seconds:.1f} s"
           + (f" ({entry['reason']})" if entry.get("reason") else ""), flush=True)
     return entry
@@ -576,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out DIR is required")
     if not args.budget > 0:
         parser.error(f"--budget {args.budget}: seconds > 0")
+    if args.device == "cpu" and not args.tiny:
+        parser.error("--device cpu runs the toy sizes only: add --tiny (the real sizes need a GPU)")
     only = args.only.split(",") if args.only else names
     unknown = set(only) - set(names)
     if unknown:

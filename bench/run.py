@@ -56,8 +56,10 @@ def run_bench(bench: suite.Bench, size: str, *, cuda_devices: int, repeats: int 
     samples: dict[str, dict] = {}
     status, reason, raw = "ok", None, None
     for i in range(n):
+        load = common.load_avg()
         done = common.run_process([python, str(bench_dir / bench.script), *args], bench.timeout(size))
-        entry["runs"].append({"seconds": round(done.seconds, 2), "returncode": done.returncode})
+        entry["runs"].append({"seconds": round(done.seconds, 2), "returncode": done.returncode,
+                              "load": [load, common.load_avg()]})
         if done.timed_out:
             status, reason = "timeout", f"killed after {bench.timeout(size):g} s (run {i + 1} of {n})"
             entry["error"] = done.error_tail()
@@ -77,14 +79,13 @@ def run_bench(bench: suite.Bench, size: str, *, cuda_devices: int, repeats: int 
             status, reason = "failed", f"reading its figures: {type(err).__name__}: {err}"
             break
         for name, figure in found.items():
-            samples.setdefault(name, {"unit": figure["unit"], "better": figure["better"], "samples": []})
+            samples.setdefault(name, {**figure, "samples": []})
             samples[name]["samples"] += figure["samples"]
     if status == "ok" and not samples:
         status, reason = "failed", "printed JSON without any registered figure"
     entry.update(status=status, reason=reason, seconds=round(sum(r["seconds"] for r in entry["runs"]), 2),
-                 figures={name: {"unit": f["unit"], "better": f["better"], **common.summarize(f["samples"]),
-                                 "samples": f["samples"]} for name, f in samples.items()},
-                 raw=raw)
+                 load_per_core=common.load_per_core(entry["runs"]),
+                 figures={name: common.figure_entry(f) for name, f in samples.items()}, raw=raw)
     return entry
 
 

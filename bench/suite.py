@@ -17,11 +17,14 @@ Figures are named by a path into the JSON, ``/`` between keys:
 A bench may also declare its own figures in its JSON, which needs no pattern here:
 
     {"figures": {"dense_s": {"value": 1.25, "unit": "s", "better": "lower"},
-                 "speedup": {"value": [2.1, 2.3, 2.2], "unit": "x", "better": "higher"}}, ...}
+                 "speedup": {"value": [2.1, 2.3, 2.2], "unit": "x", "better": "higher", "timing": true}}, ...}
 
-(``value`` a number or a list of samples). Samples from every repeat are pooled: the report
-keeps min / median / max per figure, and ``bench/compare.py`` judges a change against that
-spread.
+(``value`` a number or a list of samples; ``"timing": true`` marks a wall-clock figure).
+Samples from every repeat are pooled: the report keeps min / median / max per figure, and
+``bench/compare.py`` judges a change against that spread. A figure is a *timing* (it moves
+with the machine's load) when its unit is one of ``TIMING_UNITS`` or it says so
+(``timing=True``, e.g. a speedup); compare judges timings only between runs made under a
+similar CPU load. Bytes, block counts, skipped steps and other exact figures are always judged.
 """
 from __future__ import annotations
 
@@ -33,6 +36,11 @@ from typing import Any
 LOWER, HIGHER, INFO = "lower", "higher", "info"
 DIRECTIONS = (LOWER, HIGHER, INFO)
 GIB = 2**30
+TIMING_UNITS = {"s", "ms", "us", "1/s", "GB/s", "M values/s", "TFLOP/s", "x time"}
+
+
+def is_timing(unit: str, timing: bool | None = None) -> bool:
+    return unit in TIMING_UNITS if timing is None else bool(timing)
 
 
 @dataclass(frozen=True)
@@ -42,26 +50,27 @@ class Figure:
     path: str
     unit: str
     better: str = LOWER
+    timing: bool | None = None  # None: from the unit (TIMING_UNITS)
 
     def __post_init__(self) -> None:
         if self.better not in DIRECTIONS:
             raise ValueError(f"figure {self.path!r}: better must be one of {DIRECTIONS}, got {self.better!r}")
 
 
-def lower(path: str, unit: str) -> Figure:
-    return Figure(path, unit, LOWER)
+def lower(path: str, unit: str, timing: bool | None = None) -> Figure:
+    return Figure(path, unit, LOWER, timing)
 
 
-def higher(path: str, unit: str) -> Figure:
-    return Figure(path, unit, HIGHER)
+def higher(path: str, unit: str, timing: bool | None = None) -> Figure:
+    return Figure(path, unit, HIGHER, timing)
 
 
-def info(path: str, unit: str) -> Figure:
-    return Figure(path, unit, INFO)
+def info(path: str, unit: str, timing: bool | None = None) -> Figure:
+    return Figure(path, unit, INFO, timing)
 
 
-# (name, value or list of samples, unit, better): what a figures function returns
-FigureRows = list[tuple[str, Any, str, str]]
+# (name, value or list of samples, unit, better[, timing]): what a figures function returns
+FigureRows = list[tuple]
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,7 @@ def vae_tiling_figures(raw: dict) -> FigureRows:
         size = f"{r['width']}x{r['height']}"
         for stage in ("decode", "encode"):
             rows += [(f"{size}/{stage}_peak_ratio", r[f"{stage}_peak_ratio"], "tiled/untiled", LOWER),
-                     (f"{size}/{stage}_time_ratio", r[f"{stage}_time_ratio"], "tiled/untiled", LOWER),
+                     (f"{size}/{stage}_time_ratio", r[f"{stage}_time_ratio"], "tiled/untiled", LOWER, True),
                      (f"{size}/{stage}_untiled_s", r["untiled"][stage]["seconds"], "s", LOWER)]
     return rows
 
@@ -154,15 +163,16 @@ BENCHES: list[Bench] = [
     Bench("step_cache", "step_cache.py", quick=("--sizes", "tiny", "--steps", "4,20", "--threads", "1", "--repeats", "1"),
           full=("--sizes", "tiny,medium", "--threads", "1", "--repeats", "2"), repeats=2,
           figures=(lower("sizes/*/schedules/*/uncached_s", "s"), higher("sizes/*/schedules/*/*/skipped", "steps"),
-                   higher("sizes/*/schedules/*/*/speedup", "x"), higher("sizes/*/schedules/*/*/psnr_frames_db", "dB"))),
+                   higher("sizes/*/schedules/*/*/speedup", "x", timing=True),
+                   higher("sizes/*/schedules/*/*/psnr_frames_db", "dB"))),
     # CUDA benches: skipped (and recorded so) on a machine without a GPU
     Bench("fp8_matmul", "fp8_matmul.py", quick=("--tokens", "8192", "--repeats", "5"), full=(), needs="cuda",
-          figures=(lower("layers/*/*/ms", "ms"), higher("layers/*/speedup_scaled_mm_vs_bf16", "x"),
+          figures=(lower("layers/*/*/ms", "ms"), higher("layers/*/speedup_scaled_mm_vs_bf16", "x", timing=True),
                    lower("layers/*/*/peak_extra_mib", "MiB"))),
     Bench("prefetch", "prefetch.py", quick=("--blocks", "8", "--tokens", "8192", "--repeats", "1"), full=(),
           needs="cuda", repeats=2,
           figures=(lower("s_per_forward/*", "s"), lower("wait_s_per_forward/*", "s"), higher("h2d_GBps", "GB/s"),
-                   lower("ratio_vs_resident/*", "x"))),
+                   lower("ratio_vs_resident/*", "x", timing=True))),
     Bench("step_time", "step_time.py", quick=("--cases", "a", "--repeats", "1"), full=(), needs="cuda", repeats=1,
           timeout_s=(600.0, 3600.0),
           figures=(lower("cases/*/s_per_step", "s"), lower("cases/*/vram_peak_allocated_gib", "GiB"),
@@ -207,23 +217,24 @@ def extract(bench: Bench, raw: dict) -> dict[str, dict]:
     function, plus what the bench declares under ``"figures"``."""
     out: dict[str, dict] = {}
 
-    def add(name: str, value: Any, unit: str, better: str) -> None:
+    def add(name: str, value: Any, unit: str, better: str, timing: bool | None = None) -> None:
         samples = _numbers(value)
         if not samples:
             return
-        entry = out.setdefault(name, {"unit": unit, "better": better, "samples": []})
+        entry = out.setdefault(name, {"unit": unit, "better": better, "timing": is_timing(unit, timing),
+                                      "samples": []})
         entry["samples"] += samples
 
     if callable(bench.figures):
-        for name, value, unit, better in bench.figures(raw):
-            add(name, value, unit, better)
+        for row in bench.figures(raw):
+            add(*row)
     else:
         for figure in bench.figures:
             for name, value in _walk(raw, figure.path.split("/"), []):
-                add(name, value, figure.unit, figure.better)
+                add(name, value, figure.unit, figure.better, figure.timing)
     declared = raw.get("figures")
     if isinstance(declared, dict):
         for name, spec in declared.items():
             if isinstance(spec, dict) and spec.get("better", INFO) in DIRECTIONS:
-                add(name, spec.get("value"), str(spec.get("unit", "")), spec.get("better", INFO))
+                add(name, spec.get("value"), str(spec.get("unit", "")), spec.get("better", INFO), spec.get("timing"))
     return out

@@ -60,10 +60,10 @@ def test_figure_patterns_name_keys_and_pool_list_items():
     bench = suite.Bench("b", "b.py", figures=(suite.lower("layers/*/*/ms", "ms"), suite.lower("runs/[]/cold_s", "s"),
                                               suite.higher("flag", "?"), suite.lower("missing/*", "s")))
     found = suite.extract(bench, raw)
-    assert found["layers/attn/bf16/ms"] == {"unit": "ms", "better": "lower", "samples": [2.0]}
+    assert found["layers/attn/bf16/ms"] == {"unit": "ms", "better": "lower", "timing": True, "samples": [2.0]}
     assert found["layers/attn/fp8/ms"]["samples"] == [1.0]
     assert found["runs/cold_s"]["samples"] == [1.5, 1.25]  # None is no sample
-    assert found["speedup"] == {"unit": "x", "better": "higher", "samples": [2.0, 2.5]}
+    assert found["speedup"] == {"unit": "x", "better": "higher", "timing": False, "samples": [2.0, 2.5]}
     assert "flag" not in found and "bad" not in found  # a bool is no figure; a bad direction is refused
     with pytest.raises(ValueError, match="better"):
         suite.Figure("x", "s", "faster")
@@ -131,8 +131,10 @@ def test_suite_runs_every_bench_and_records_failures(fake_report):
     good = b["good"]["figures"]
     assert set(good) == {"t_s", "bytes", "rate"}
     assert good["t_s"]["n"] == 3 and good["t_s"]["min"] <= good["t_s"]["median"] <= good["t_s"]["max"]
-    assert good["bytes"] == {"unit": "B", "better": "lower", "median": 1000, "min": 1000, "max": 1000, "n": 3,
-                             "samples": [1000.0] * 3}
+    assert good["bytes"] == {"unit": "B", "better": "lower", "timing": False, "median": 1000, "min": 1000,
+                             "max": 1000, "n": 3, "samples": [1000.0] * 3}
+    assert good["t_s"]["timing"] and good["rate"]["timing"]  # units s and 1/s are wall-clock figures
+    assert b["good"]["load_per_core"] >= 0 and len(b["good"]["runs"][0]["load"]) == 2
     assert "something broke" in b["crash"]["error"] and b["crash"]["reason"] == "exit status 3"
     assert b["hang"]["reason"].startswith("killed after 2 s") and len(b["hang"]["runs"]) == 1
     assert b["nocuda"]["reason"] == "no CUDA device" and "needs 8 CUDA devices" in b["gpu_only"]["reason"]
@@ -224,6 +226,26 @@ def test_compare_injected_regression_and_improvement(tmp_path):
     assert compare.main([str(paths["base"]), str(tmp_path / "junk.json")]) == 2
 
 
+def test_compare_judges_timings_only_under_a_similar_cpu_load():
+    """On a shared machine other processes move wall-clock figures: a timing measured under a
+    very different load is not judged; exact figures (bytes) always are."""
+    base = _report({"t_s": {**_figure([1.0, 1.01]), "timing": True}, "peak_bytes": _figure([100.0], unit="B")})
+    new = copy.deepcopy(base)
+    new["benches"]["b"]["figures"] = {"t_s": {**_figure([1.5, 1.52]), "timing": True},
+                                      "peak_bytes": _figure([150.0], unit="B")}
+    base["benches"]["b"]["load_per_core"], new["benches"]["b"]["load_per_core"] = 0.6, 2.4
+    result = compare.compare(base, new)
+    verdicts = {r["figure"]: r["verdict"] for r in result["rows"]}
+    assert verdicts == {"t_s": "load", "peak_bytes": "regressed"} and result["regressions"] == 1
+    assert "0.6 vs 2.4 per core" in next(r["note"] for r in result["rows"] if r["figure"] == "t_s")
+    new["benches"]["b"]["load_per_core"] = 0.8
+    assert {r["figure"]: r["verdict"] for r in compare.compare(base, new)["rows"]}["t_s"] == "regressed"
+    assert compare.compare(base, new, load_tolerance=0.1)["regressions"] == 1  # 0.6 vs 0.8: apart again
+    both_busy = copy.deepcopy(new)
+    base["benches"]["b"]["load_per_core"] = both_busy["benches"]["b"]["load_per_core"] = 2.0
+    assert any("weak" in w for w in compare.compare(base, both_busy)["warnings"])
+
+
 def test_compare_a_bench_that_broke_is_a_regression():
     base = _report({"t_s": _figure([1.0])})
     new = _report({}, status="failed")
@@ -238,7 +260,8 @@ def test_compare_two_runs_of_the_same_fake_suite_finds_no_regression(fake_benche
     benches = [suite.Bench("good", "good.py", figures=FIGS, repeats=3)]
     a, b = (run.run_suite("quick", benches, bench_dir=fake_benches, log=lambda *x, **k: None) for _ in range(2))
     result = compare.compare(a, b)
-    assert result["regressions"] == 0 and not result["warnings"]
+    assert result["regressions"] == 0
+    assert not [w for w in result["warnings"] if "weak" not in w]  # same machine; a busy one is said so
 
 
 # ----------------------------------------------------------------------------- gpu_check
