@@ -191,7 +191,7 @@ def part_vae(device: str, tiny: bool) -> dict:
     if tiny:
         # the smallest frame that still tiles: tiles under MIN_BUDGET_PIXELS are budgeted as that many
         report = vae_tiling.run([(384, 128)], seconds=0.0, dtype=torch.bfloat16, budget=0.7,
-                                config=Wan21VAEConfig(dim=8), device=device)
+                                config=Wan21VAEConfig(dim=4), device=device)
     else:
         report = vae_tiling.run([(832, 480)], seconds=2.0, dtype=torch.bfloat16, budget=0.35, device=device)
     for r in report["sizes"]:
