@@ -149,7 +149,8 @@ BENCHES: list[Bench] = [
           full=("--width", "256", "--height", "128"), repeats=1,
           figures=(lower("versions/*/decode/per_pixel", "B/px"), lower("versions/*/encode/per_pixel", "B/px"))),
     # quick: a narrow VAE (dim 8) at the smallest frame that still tiles; full: the real VAE
-    Bench("vae_tiling", "vae_tiling.py", quick=("--sizes", "384x128", "--seconds", "0", "--dim", "8", "--budget", "0.7"),
+    Bench("vae_tiling", "vae_tiling.py", quick=("--sizes", "384x128", "--seconds", "0", "--dim", "8", "--budget", "0.7",
+                                                "--threads", "1"),
           full=("--sizes", "832x480,1280x720", "--seconds", "20"), repeats=2, figures=vae_tiling_figures),
     Bench("host_ram", "host_ram.py", quick=("--size", "small"), full=("--size", "full"), repeats=2,
           figures=(lower("fp16/ratio", "x file"), lower("fp8/ratio", "x file"), lower("fp8/load_ratio", "x file"))),
