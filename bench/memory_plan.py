@@ -15,7 +15,9 @@ Prints each plan's explanation, a table, and as the last line one JSON object ho
 plan (``{"plans": [...]}``).
 
     python bench/memory_plan.py [--reserve 1.5] [--host-ram 64] [--attention sdpa] [--t5 fp8_e4m3fn]
-                                [--no-fp8-matmul]
+                                [--no-fp8-matmul] [--card 12] [--frames 81]
+
+``--card`` / ``--frames`` keep only the cases of that card size / frame count.
 """
 from __future__ import annotations
 
@@ -84,11 +86,16 @@ def main() -> None:
     parser.add_argument("--no-fp8-matmul", action="store_true", help="GPU without fp8 GEMMs (before RTX 40)")
     parser.add_argument("--cfg1", action="store_true",
                         help="cfg 1 (the 4-step LoRA graphs): the positive prompt only, no uncond branch")
+    parser.add_argument("--card", type=int, help="only the cases of this card size (GB)")
+    parser.add_argument("--frames", type=int, help="only the cases of this frame count")
     args = parser.parse_args()
+    cases = [c for c in CASES if (args.card is None or c[0] == args.card) and (args.frames is None or c[1] == args.frames)]
+    if not cases:
+        parser.error(f"no case has card {args.card} GB and {args.frames} frames")
     planner = _import_planner()
     gib = planner.GIB
     plans, rows = [], []
-    for card, frames, width, height, weights, model in CASES:
+    for card, frames, width, height, weights, model in cases:
         loaded, context, windows = None, None, 1
         if "@" in weights:  # context windows of that many frames
             weights, context = weights.split("@")[0], int(weights.split("@")[1])

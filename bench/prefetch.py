@@ -12,9 +12,13 @@ whose cost is a few elementwise passes. The last line of stdout is a JSON object
 CUDA it is ``{"skipped": "no CUDA device"}`` and the exit status is 0.
 
     python bench/prefetch.py [--blocks 40] [--tokens 32760] [--repeats 2]
+    python bench/prefetch.py --device cpu --tiny   # the code path on the CPU (recording backend)
 
 At the defaults it needs about 30 GB of GPU memory (the resident run) and 30 GB of host
 memory, and runs for a few minutes, most of it pinning 28 GB once per swapped configuration.
+``bench/gpu_check.py`` runs it with ``--blocks 8`` (5.6 GB) to fit its time budget.
+``--tiny`` shrinks the blocks (dim 256, ffn 512, 2 heads) and the tokens (64); on the CPU the
+swapper runs against ``offload.RecordingBackend`` and no copy bandwidth is measured.
 """
 from __future__ import annotations
 
@@ -37,8 +41,8 @@ def _import_pack():
     from pack import register
 
     register()
-    from wanfit.optim.offload import BlockSwapper
-    return BlockSwapper
+    from wanfit.optim.offload import BlockSwapper, RecordingBackend
+    return BlockSwapper, RecordingBackend
 
 
 class Attention(nn.Module):
@@ -79,14 +83,14 @@ class WanLikeBlock(nn.Module):
         return x + self.ffn(y) * m[5]
 
 
-def timed(run, repeats: int) -> float:
+def timed(run, repeats: int, sync=torch.cuda.synchronize) -> float:
     """Seconds per call, after one warm-up call."""
     run()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         run()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
@@ -95,18 +99,24 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=40)
     parser.add_argument("--tokens", type=int, default=32760)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the code path")
+    parser.add_argument("--tiny", action="store_true", help="blocks of dim 256, 64 tokens")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda and not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA device"}))
         return
-    BlockSwapper = _import_pack()
-    dev, dtype = torch.device("cuda"), torch.bfloat16
+    BlockSwapper, RecordingBackend = _import_pack()
+    dtype = torch.bfloat16
+    dim, ffn, heads, tokens = (256, 512, 2, 64) if args.tiny else (5120, 13824, 40, args.tokens)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
     with torch.device(dev):  # initialise on the GPU: CPU init of 14 B parameters takes minutes
-        blocks = nn.ModuleList(WanLikeBlock().to(dtype) for _ in range(args.blocks))
-    x = torch.randn(1, args.tokens, 5120, device=dev, dtype=dtype)
-    e = torch.randn(1, 6, 5120, device=dev, dtype=dtype) * 0.02
-    context = torch.randn(1, 512, 5120, device=dev, dtype=dtype)
+        blocks = nn.ModuleList(WanLikeBlock(dim, ffn, heads).to(dtype) for _ in range(args.blocks))
+    x = torch.randn(1, tokens, dim, device=dev, dtype=dtype)
+    e = torch.randn(1, 6, dim, device=dev, dtype=dtype) * 0.02
+    context = torch.randn(1, 512, dim, device=dev, dtype=dtype)
     block_gb = sum(t.nbytes for t in blocks[0].state_dict().values()) / 1e9
 
     def run_resident():
@@ -115,29 +125,39 @@ def main() -> None:
             y = block(y, e, context)
         return y
 
-    result = {"device": torch.cuda.get_device_name(dev), "blocks": args.blocks,
-              "tokens": args.tokens, "block_gb": round(block_gb, 3), "s_per_forward": {},
-              "wait_s_per_forward": {}}
+    result = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "blocks": args.blocks,
+              "tokens": tokens, "dim": dim, "block_gb": round(block_gb, 3), "s_per_forward": {},
+              "wait_s_per_forward": {}, "pinned_blocks": {}}
     with torch.inference_mode():
-        result["s_per_forward"]["resident"] = timed(run_resident, args.repeats)
+        result["s_per_forward"]["resident"] = timed(run_resident, args.repeats, sync)
         print(f"resident: {result['s_per_forward']['resident']:.3f} s/forward", flush=True)
         blocks.cpu()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
         configs = {"swap_prefetch0": (0, None), "swap_prefetch1": (1, None),
                    "swap_prefetch2": (2, None), "swap_prefetch1_staged": (1, 0)}
         for name, (prefetch, pin_budget) in configs.items():
-            with BlockSwapper(blocks, dev, resident=0, prefetch=prefetch,
+            backend = dev if cuda else RecordingBackend()
+            with BlockSwapper(blocks, backend, resident=0, prefetch=prefetch,
                               pin_budget=pin_budget) as swapper:
-                s = timed(lambda: swapper.forward(x, e=e, context=context), args.repeats)
+                s = timed(lambda: swapper.forward(x, e=e, context=context), args.repeats, sync)
                 stats = swapper.telemetry()
                 result["s_per_forward"][name] = s
                 result["wait_s_per_forward"][name] = stats.wait_s / stats.forwards
+                result["pinned_blocks"][name] = stats.pinned_blocks
                 print(f"{name}: {s:.3f} s/forward, compute waited "
                       f"{stats.wait_s / stats.forwards:.3f} s/forward", flush=True)
-        # Raw copy speed of one block's bytes from pinned memory, to read the numbers above.
-        src = torch.empty(int(block_gb * 1e9), dtype=torch.uint8, pin_memory=True)
-        dst = torch.empty_like(src, device=dev)
-        result["h2d_GBps"] = src.nbytes / timed(lambda: dst.copy_(src, non_blocking=True), 5) / 1e9
+        if cuda:
+            # Raw copy speed of one block's bytes, pinned and pageable, to read the numbers above.
+            src = torch.empty(int(block_gb * 1e9), dtype=torch.uint8, pin_memory=True)
+            dst = torch.empty_like(src, device=dev)
+            result["h2d_GBps"] = src.nbytes / timed(lambda: dst.copy_(src, non_blocking=True), 5) / 1e9
+            pageable = torch.empty(src.nbytes, dtype=torch.uint8)
+            result["h2d_pageable_GBps"] = pageable.nbytes / timed(lambda: dst.copy_(pageable), 3) / 1e9
+            print(f"H2D: {result['h2d_GBps']:.1f} GB/s pinned, {result['h2d_pageable_GBps']:.1f} GB/s pageable",
+                  flush=True)
+        else:
+            result["h2d_GBps"] = result["h2d_pageable_GBps"] = None  # no device to copy to
     base = result["s_per_forward"]["resident"]
     result["ratio_vs_resident"] = {k: v / base for k, v in result["s_per_forward"].items()}
     print(json.dumps(result))

@@ -161,7 +161,9 @@ def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch
         hook=hook if mesh is None else split_hook(hook, mesh, split.rank),
         context_frames=windows.pixel_length if active else None, windows=count)
     swapped = plan.swapped if s.blocks_to_swap < 0 else min(s.blocks_to_swap, handle.config.num_layers)
-    swap = SwapSettings(swapped if device.type == "cuda" else 0, plan.prefetch, s.pin_memory, s.offload_embeddings)
+    # A plan that swaps nothing says prefetch 0; blocks swapped by hand take the node's prefetch.
+    prefetch = plan.prefetch if swapped == plan.swapped else s.prefetch
+    swap = SwapSettings(swapped if device.type == "cuda" else 0, prefetch, s.pin_memory, s.offload_embeddings)
     text = plan.explain()
     if device.type != "cuda":  # a preview: say so, and what it assumes the card has
         text = (f"Preview for a GPU with {s.budget_gb:g} GiB to spend (this job runs on {device.type}, where "

@@ -77,3 +77,16 @@ def test_latent_carries_the_job_telemetry():
     assert tel["steps"] == 3 and len(tel["step_s"]) == 3 and all(t > 0 for t in tel["step_s"])
     assert set(tel["stages_s"]) == {"load", "sample"} and tel["host_rss_peak"] > 0
     assert tel["vram_peak_allocated"] is None  # CPU
+
+
+def test_blocks_swapped_by_hand_keep_the_nodes_prefetch(monkeypatch):
+    """A plan with every block resident says prefetch 0; blocks_to_swap set on the node must not
+    turn that into synchronous copies (what bench/gpu_check.py's sampling part swaps)."""
+    monkeypatch.setattr(memory.fp8, "scaled_mm_supported", lambda device: False)  # no CUDA to ask
+    model, embeds = _model(HIGH), _image_embeds()
+    by_hand = memory.MemorySettings(budget_gb=64.0, blocks_to_swap=1, prefetch=2)
+    job = memory.plan_job(model, embeds, 3.5, torch.device("cuda"), by_hand)
+    assert (job.plan.swapped, job.plan.prefetch) == (0, 0)
+    assert (job.swap.blocks_to_swap, job.swap.prefetch) == (1, 2)
+    planned = memory.plan_job(model, embeds, 3.5, torch.device("cuda"), replace(by_hand, blocks_to_swap=-1))
+    assert (planned.swap.blocks_to_swap, planned.swap.prefetch) == (0, 0)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "memory_plan.py"
 
 
@@ -16,8 +18,13 @@ def _plans(*args: str) -> dict:
     return {(p["card_gib"], p["frames"], p["width"], p["weights"]): p for p in result["plans"]}
 
 
-def test_plans_for_the_issue_cases():
-    plans = _plans()
+@pytest.fixture(scope="module")
+def default_plans() -> dict:
+    return _plans()
+
+
+def test_plans_for_the_issue_cases(default_plans):
+    plans = default_plans
     fp8 = "fp8_e4m3fn_scaled"
     assert len(plans) == 22 and not any("error" in p for p in plans.values())
     # 161 / 241 frames in 81-frame windows: the activations of one window, every block resident
@@ -51,9 +58,11 @@ def test_plans_for_the_issue_cases():
         assert t5["weight_bytes"] < 7 * 2**30  # the fp8 file the workflows ship, not bf16
 
 
-def test_t5_in_bf16_is_counted_larger():
-    fp8 = _plans()[12, 81, 832, "fp8_e4m3fn_scaled"]
-    bf16 = _plans("--t5", "bf16")[12, 81, 832, "fp8_e4m3fn_scaled"]
+def test_t5_in_bf16_is_counted_larger(default_plans):
+    fp8 = default_plans[12, 81, 832, "fp8_e4m3fn_scaled"]
+    only = _plans("--t5", "bf16", "--card", "12", "--frames", "81")  # the 4 cases of 12 GB at 81 frames
+    assert {(card, frames) for card, frames, _, _ in only} == {(12, 81)} and len(only) == 4
+    bf16 = only[12, 81, 832, "fp8_e4m3fn_scaled"]
     t5 = [next(e for e in p["encoders"] if e["name"] == "T5") for p in (fp8, bf16)]
     assert 1.5 < t5[1]["weight_bytes"] / t5[0]["weight_bytes"] < 1.8
     assert (t5[0]["device"], t5[1]["device"]) == ("gpu", "cpu")  # 12 GB: only the fp8 T5 fits

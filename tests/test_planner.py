@@ -195,21 +195,17 @@ def test_an_extra_temporary_in_a_block_moves_the_prediction_by_its_size(monkeypa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("weights, batch", [("bf16", 2), ("fp8_e4m3fn", 1)])
 def test_activation_model_matches_cuda_max_memory_allocated(weights, batch):
+    """bench/gpu_check.py's ``planner`` part at a small size (it runs two A14B-sized ones)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
     cfg = WanConfig("i2v", in_dim=36, **dict(TINY, dim=512, num_heads=4, ffn_dim=1408))
-    grid, device = (8, 30, 52), "cuda"
-    model = _model(cfg, torch.bfloat16, weights).to(device)
-    inputs = _real_inputs(model, batch, grid, torch.bfloat16)  # host inputs stay on the CPU, as sampling
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    with torch.no_grad():
-        model(**inputs)  # warm-up: cuBLAS workspaces, kernels
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        model(**inputs)
-        measured = torch.cuda.max_memory_allocated() - start
-    predicted = dit_activations(cfg, grid, batch, torch.bfloat16, weights, "sdpa", "cuda",
-                                fp8_matmul=fp8.scaled_mm_supported(torch.device(device)))
-    assert predicted.peak == pytest.approx(measured, rel=0.10)
+    r = gpu_check.forward_peak(cfg, (8, 30, 52), batch, weights, "cuda")
+    assert r["predicted_bytes"] == pytest.approx(r["measured_bytes"], rel=0.10)
 
 
 def test_attention_kernels():

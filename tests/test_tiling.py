@@ -9,10 +9,6 @@ white noise would make every pixel depend on the tile edge as much as on its nei
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +19,7 @@ from wanfit.optim import tiling
 from wanfit.optim.hostmem import allocation_peak
 from wanfit.optim.tiling import Tiling, TilingOptions, check_options, choose_tiling, tiled_decode, tiled_encode
 from wanfit.wan.vae import build_vae
-from wanfit.wan.vae_common import WAN21_VAE, WAN22_VAE, Wan21VAEConfig
+from wanfit.wan.vae_common import WAN21_VAE, WAN22_VAE
 
 FILES = {"2.1": "wan_2.1_vae.safetensors", "2.2": "wan2.2_vae.safetensors"}
 # Mean absolute error of tiled against untiled output, as a fraction of the untiled output's
@@ -248,20 +244,3 @@ def test_bad_settings_are_refused_with_what_is_allowed():
     assert "expected one of" in node.VALIDATE_OWN("sometimes", 512, 64, 5, 0)
     assert node.VALIDATE_OWN("manual", None, 64, 5, 0) is True  # linked: checked when it runs
     assert node().settings("manual", 256, 32, 9, 4) == (TilingOptions("manual", 256, 32, 9, 4),)
-
-
-# ----------------------------------------------------------------------------- bench
-
-def test_tiling_bench_runs_at_a_small_size():
-    """bench/vae_tiling.py's own code on a small VAE: same keys, tiles hold less memory."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "vae_tiling.py"
-    spec = importlib.util.spec_from_file_location("bench_vae_tiling", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
-    report = bench.run([(384, 192), (512, 256)], seconds=0.0, dtype=torch.float32, budget=0.7,
-                       config=Wan21VAEConfig(dim=8))
-    big = report["sizes"][-1]
-    assert big["latent_frames"] == 2 and big["frames"] == 5 and "tiles" in big["tiling"]
-    assert 0 < big["decode_peak_ratio"] < 0.8 and 0 < big["encode_peak_ratio"] < 0.8
-    assert set(report["target"]) == {"size", "peak_ratio_max", "time_ratio_max", "met"}
