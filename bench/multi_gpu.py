@@ -13,7 +13,7 @@ CFG-parallel from 2 GPUs, each half Ulysses) and cfg 1.
 
 JSON on the last line. ``--quick`` runs a smaller forward (seconds).
 
-    python bench/multi_gpu.py [--quick] [--tokens 4096] [--dim 1024] [--repeats 3]
+    python bench/multi_gpu.py [--quick] [--device all|cpu|cuda] [--tokens 4096] [--dim 1024] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -169,13 +169,18 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reserve", type=float, default=1.5, help="GiB left on each card")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                        help="measure CPU ranks, CUDA ranks (2 or more GPUs), or both")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.dim, args.layers, args.repeats = 1024, 256, 2, 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    report: dict = {"cpu": measure(args, "cpu", 2), "plans": plans(args.reserve)}
+    report: dict = {"plans": plans(args.reserve)}
+    if args.device in ("all", "cpu"):
+        report["cpu"] = measure(args, "cpu", 2)
     gpus = torch.cuda.device_count()
-    report["cuda"] = measure(args, "cuda", gpus) if gpus >= 2 else {"skipped": f"{gpus} CUDA device(s)"}
+    if args.device in ("all", "cuda"):
+        report["cuda"] = measure(args, "cuda", gpus) if gpus >= 2 else {"skipped": f"{gpus} CUDA device(s)"}
     for row in report["plans"]:
         print(f"{row['size']} {row['card_gib']} GiB x{row['gpus']} cfg {row['cfg']:g} ({row['mesh']}): "
               f"activations {row['activations_gib']} GiB, {row['resident']}/{row['swapped']} blocks, "

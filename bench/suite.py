@@ -135,6 +135,25 @@ def vae_tiling_figures(raw: dict) -> FigureRows:
     return rows
 
 
+def multi_gpu_figures(raw: dict) -> FigureRows:
+    """Per split: the speedup over one process and the bytes a rank sends per call (CPU, and
+    CUDA when measured); per planned case, each GPU's peak and resident blocks."""
+    rows: FigureRows = []
+    for device in ("cpu", "cuda"):
+        result = raw.get(device) or {}
+        for split in ("cfg-parallel", "ulysses"):
+            if split in result:
+                r = result[split]
+                rows += [(f"{device}/{split}/speedup", r["speedup"], "x", HIGHER, True),
+                         (f"{device}/{split}/seconds", r["seconds"]["median"], "s", LOWER),
+                         (f"{device}/{split}/bytes_sent_per_call", r["bytes_sent_per_call"], "B", LOWER)]
+    for p in raw["plans"]:
+        label = f"{p['size']} {p['card_gib']} GB x{p['gpus']} cfg {p['cfg']:g}"
+        rows += [(f"{label}/peak_vram_gib", p["peak_vram_gib"], "GiB", LOWER),
+                 (f"{label}/resident_blocks", p["resident"], "blocks", HIGHER)]
+    return rows
+
+
 # ----------------------------------------------------------------------------- the registry
 #
 # One line per bench. The quick sizes are chosen to finish in seconds on 2 CPU cores; the
@@ -180,7 +199,8 @@ BENCHES: list[Bench] = [
                    lower("cases/*/wait_s_per_step", "s"), info("cases/*/h2d_gb_per_step", "GB"))),
     # ---- benches being added by other work: register each with ONE line here ----
     # Bench("attention", "attention.py", quick=(...), full=(...), figures=(...)),   # issue 16
-    # Bench("multi_gpu", "multi_gpu.py", quick=(...), full=(...), figures=(...)),   # issue 20 (2 CPU processes)
+    Bench("multi_gpu", "multi_gpu.py", quick=("--quick",), full=(), repeats=1, figures=multi_gpu_figures,
+          note="2 CPU ranks x 1 thread against 1 process; per-GPU plans exact (meta tensors)"),
     # A bench that prints {"figures": {...}} (module docstring) needs no figures= here.
 ]
 
