@@ -1,9 +1,9 @@
 """ComfyUI node classes: thin wrappers that validate inputs and call into wan/ and optim/."""
-from . import cache, comfy, context, decode, encode, graph, load, lora, memory, pairing, sample  # noqa: F401
+from . import cache, comfy, context, decode, encode, graph, load, lora, memory, pairing, sample, speed  # noqa: F401
 from .tooltips import with_tooltips
 from .validation import with_graph_check
 
-_MODULES = (load, lora, encode, memory, context, cache, sample, decode)
+_MODULES = (load, lora, encode, memory, speed, context, cache, sample, decode)
 
 NODE_CLASS_MAPPINGS = {name: cls for m in _MODULES for name, cls in m.NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {name: cls.DISPLAY_NAME for name, cls in NODE_CLASS_MAPPINGS.items()}

@@ -48,6 +48,8 @@ class ModelHandle:
     attention: str = "auto"
     memory: object | None = None  # MemorySettings from a WanFit Memory node (nodes/memory.py)
     loras: tuple[LoraChoice, ...] = ()  # from WanFit LoRA nodes, in chain order
+    sparse: object | None = None  # SparseSettings from a WanFit Sparse Attention node (optim/sparse.py)
+    compiled: object | None = None  # CompileSettings from a WanFit Compile node (optim/compile.py)
 
     @property
     def name(self) -> str:

@@ -15,6 +15,7 @@ import torch
 
 from ..optim import fp8, gguf, lora, planner
 from ..optim.engine import SwapSettings
+from ..optim.sparse import SparseAttention, mask_bytes
 from ..optim.step_cache import StepCache
 from ..wan.attention import available_backends
 from ..wan.denoise import DiTCall
@@ -118,6 +119,34 @@ def cache_hook(cache, handle: ModelHandle, windows: int = 1) -> planner.BlocksHo
                               f"{where})", wrap, held)
 
 
+def sparse_hook(handle: ModelHandle) -> planner.BlocksHook | None:
+    """Sparse attention as the planner traces it: its wrapper sets the op, which on fake tensors
+    allocates what the flex kernel returns; its block masks are held between calls."""
+    settings = getattr(handle, "sparse", None)
+    if settings is None:
+        return None
+
+    def wrap(run, batch):
+        blocks = getattr(getattr(run, "__self__", None), "blocks", ())  # the traced model's own blocks
+        sparse = SparseAttention(settings).wrap(lambda state, call: run(state), blocks)
+        branches = ("cond", "uncond") if batch == 2 else ("cond",)
+        return lambda state: sparse(state, DiTCall(settings.dense_steps, 1.0, branches))
+
+    def held(batch, tokens):
+        return mask_bytes(settings, (1, 1, tokens))
+
+    return planner.BlocksHook(("sparse", settings), settings.describe(), wrap, held)
+
+
+def chain_hooks(outer: planner.BlocksHook | None, inner: planner.BlocksHook | None) -> planner.BlocksHook | None:
+    """Two wrappers of the block stack as one: ``outer`` (a step cache) around ``inner``."""
+    if outer is None or inner is None:
+        return outer or inner
+    return planner.BlocksHook((outer.key, inner.key), f"{outer.label}; {inner.label}",
+                              lambda run, batch: outer.wrap(inner.wrap(run, batch), batch),
+                              lambda batch, tokens: outer.held(batch, tokens) + inner.held(batch, tokens))
+
+
 def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch.device,
              settings: MemorySettings | None = None, cache=None, windows=None) -> JobPlan:
     """Plan one pass before loading; raises planner.PlanError (naming the smallest budget that
@@ -138,7 +167,8 @@ def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch
         weights=storage_format(handle), compute_dtype=planner.DTYPES[handle.compute_dtype],
         guidance=cfg != 1.0, attention=attention, device_type="cuda",
         fp8_matmul=device.type == "cuda" and fp8.scaled_mm_supported(device), prefetch=s.prefetch,
-        loaded=as_loaded(handle, stages.held_unmerged_loras(handle)), hook=cache_hook(cache, handle, count),
+        loaded=as_loaded(handle, stages.held_unmerged_loras(handle)),
+        hook=chain_hooks(cache_hook(cache, handle, count), sparse_hook(handle)),
         context_frames=windows.pixel_length if active else None, windows=count)
     swapped = plan.swapped if s.blocks_to_swap < 0 else min(s.blocks_to_swap, handle.config.num_layers)
     swap = SwapSettings(swapped if device.type == "cuda" else 0, plan.prefetch, s.pin_memory, s.offload_embeddings)

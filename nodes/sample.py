@@ -18,6 +18,7 @@ from . import comfy
 from .load import ModelHandle
 from .memory import JobPlan, plan_job
 from .pairing import pairing_problem
+from .speed import PassSpeed
 from .stages import get_model, release_model
 from .types import (SCHEDULE_KEY, SOLVER_STATE_KEY, ImageEmbeds, TextEmbeds, from_comfy_latent,
                     to_comfy_latent)
@@ -109,7 +110,9 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
             tel.watch(prepared.swapper)
         positive, negative = _conditioning(handle, text, embeds, loading.DTYPES[handle.compute_dtype])
         first = embeds.first_latent
-        run_blocks = prepared.run_blocks if cache is None else cache.wrap(prepared.run_blocks, str(handle.key))
+        speed = PassSpeed(handle, prepared.model)
+        run_blocks = speed.wrap(prepared.run_blocks)
+        run_blocks = run_blocks if cache is None else cache.wrap(run_blocks, str(handle.key))
         denoise = make_denoiser(prepared.model, positive, negative, cfg, batch_cfg=job.batch_cfg,
                                 run_blocks=_cancellable(run_blocks), first_latent=first, windows=windows)
         def on_step(step: int, steps: int, x, x0) -> None:
@@ -125,6 +128,7 @@ def run_pass(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent:
                 left = float(sigmas[min(end, len(sigmas) - 1)]) if leftover else 0.0
                 result.latent = result.latent.clone()
                 result.latent[:, :, :1] = first.to(result.latent) / (1 - left)  # the image frame, exactly
+        speed.record(tel)
         return result, job
     except torch.OutOfMemoryError as err:
         release_model()
