@@ -119,23 +119,24 @@ def cache_hook(cache, handle: ModelHandle, windows: int = 1) -> planner.BlocksHo
                               f"{where})", wrap, held)
 
 
-def sparse_hook(handle: ModelHandle) -> planner.BlocksHook | None:
+def sparse_hook(handle: ModelHandle, device_type: str = "cuda") -> planner.BlocksHook | None:
     """Sparse attention as the planner traces it: its wrapper sets the op, which on fake tensors
-    allocates what the flex kernel returns; its block masks are held between calls."""
+    allocates what the flex kernel of ``device_type`` allocates; its block masks are held between
+    calls."""
     settings = getattr(handle, "sparse", None)
     if settings is None:
         return None
 
     def wrap(run, batch):
         blocks = getattr(getattr(run, "__self__", None), "blocks", ())  # the traced model's own blocks
-        sparse = SparseAttention(settings).wrap(lambda state, call: run(state), blocks)
+        sparse = SparseAttention(settings, device_type).wrap(lambda state, call: run(state), blocks)
         branches = ("cond", "uncond") if batch == 2 else ("cond",)
         return lambda state: sparse(state, DiTCall(settings.dense_steps, 1.0, branches))
 
     def held(batch, tokens):
         return mask_bytes(settings, (1, 1, tokens))
 
-    return planner.BlocksHook(("sparse", settings), settings.describe(), wrap, held)
+    return planner.BlocksHook(("sparse", settings, device_type), settings.describe(), wrap, held)
 
 
 def chain_hooks(outer: planner.BlocksHook | None, inner: planner.BlocksHook | None) -> planner.BlocksHook | None:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..wan.attention import resolve_backend
+from . import fp8
 from ..wan.denoise import DiTCall, RunBlocks
 from ..wan.model import WanState
 
@@ -123,11 +124,15 @@ class CompiledRun:
         self.graphs = 0
         self.calls = 0
         self.fallback = failed(settings)
+        self._settled: set[torch.device] = set()
 
     def wrap(self, run_blocks: RunBlocks) -> RunBlocks:
         def run(state: WanState, call: DiTCall) -> WanState:
             if not self.active:
                 return run_blocks(state, call)
+            if state.x.device not in self._settled:
+                fp8.settle_matmul(self.model, state.x.device)
+                self._settled.add(state.x.device)
             x, attend, backend = state.x, state.self_attention, state.backend
             # "auto" is resolved here: inside a compiled block its import probe would break the graph
             state.backend = resolve_backend(backend, state.context)

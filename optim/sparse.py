@@ -340,6 +340,7 @@ class SparseOp:
     backend: str
     flag: BlockFlag = field(default_factory=BlockFlag)
     flex: Callable = field(default_factory=lambda: _compiled_flex())  # got here, outside any compiled region
+    planned: str = "cuda"  # under a planner's trace: the device type whose kernel it counts
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if q.shape[1] != self.mask.tokens or k.shape[1] != self.mask.tokens:
@@ -350,7 +351,7 @@ class SparseOp:
         if torch.compiler.is_compiling():  # inside a compiled block: flex fuses into its graph
             return self._sparse(q, k, v)
         if _traced(q):
-            return _traced_flex(q)
+            return _traced_flex(q, self.planned)
         try:
             return self._sparse(q, k, v)
         except torch._dynamo.exc.TorchDynamoException as err:
@@ -360,17 +361,31 @@ class SparseOp:
             return attention(q, k, v, self.backend)
 
     def _sparse(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = self.flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=self.mask.block_mask)
-        return out.transpose(1, 2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if torch.compiler.is_compiling():
+            # Inside a compiled block q, k, v are views of fused buffers, which Inductor's CPU flex
+            # template cannot read (torch 2.13); asked for [B, N, L, D] buffers, Inductor writes them so.
+            q, k, v = (t.contiguous() for t in (q, k, v))
+        return self.flex(q, k, v, block_mask=self.mask.block_mask).transpose(1, 2)
 
 
-def _traced_flex(q: Tensor) -> Tensor:
-    """What compiled flex attention allocates: the output (laid out as the query, [B, L, N, D])
-    and a float32 log-sum-exp [B, N, L], alive together inside the kernel."""
-    b, n_tok, heads, _ = q.shape
-    lse = torch.empty(b, heads, n_tok, dtype=torch.float32, device=q.device)
+def _traced_flex(q: Tensor, device_type: str = "cuda") -> Tensor:
+    """What compiled flex attention allocates, for a planner's trace. On a GPU (Triton): the
+    output (laid out as the query, [B, L, N, D]) and a float32 log-sum-exp [B, N, L]. On a CPU
+    (Inductor's C++ template, measured with torch 2.13 in tests/test_compile_slow.py): the
+    output, per-thread score and accumulator blocks, copies of K and V, and two small buffers
+    per 1,024 query tokens, all alive at once."""
+    b, n_tok, heads, d = q.shape
+    if device_type == "cpu":
+        threads = torch.get_num_threads()
+        scratch = [torch.empty(threads * 128 * (d + 130), dtype=torch.float32, device=q.device),
+                   torch.empty(threads * 128 * 128, dtype=q.dtype, device=q.device),
+                   *(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2)),
+                   *(torch.empty(16384 * -(-n_tok // 1024), dtype=torch.float32, device=q.device) for _ in range(2))]
+    else:
+        scratch = [torch.empty(b, heads, n_tok, dtype=torch.float32, device=q.device)]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    del lse
+    del scratch
     return out
 
 
@@ -388,8 +403,8 @@ class SparseAttention:
     """One sparse-attention set-up for a model's jobs: builds and keeps block masks per grid
     and wraps the block stack (see the module docstring)."""
 
-    def __init__(self, settings: SparseSettings):
-        self.settings = settings
+    def __init__(self, settings: SparseSettings, planned: str = "cuda"):
+        self.settings, self.planned = settings, planned  # planned: the device type a planner's trace counts
         self.used: dict[tuple, GridMask] = {}  # grids the last job ran sparse, for its report
         self.calls = {"sparse": 0, "dense": 0}
 
@@ -424,7 +439,7 @@ class SparseAttention:
                 return run_blocks(state, call)
             backend = resolve_backend(state.backend, state.context)  # outside any compiled region
             if _traced(state.x):
-                op = SparseOp(_traced_mask(s, state.grid), backend)
+                op = SparseOp(_traced_mask(s, state.grid), backend, planned=self.planned)
             else:
                 op = self.op(state.grid, state.x.device, backend)
                 self.used[op.mask.grid] = op.mask

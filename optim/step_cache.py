@@ -538,9 +538,13 @@ def _traced(x: Tensor) -> bool:
 
 
 def _rows_of(state: WanState, rows: list[int]) -> WanState:
-    """``state`` for some of its batch rows (every per-row tensor cut the same way)."""
-    index = torch.tensor(rows, device=state.x.device)
-    cut = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
+    """``state`` for some of its batch rows (every per-row tensor cut the same way). Consecutive
+    rows are a view with the batch's strides, so compiled blocks see the layout they know."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        cut = lambda t: None if t is None else t[rows[0]:rows[-1] + 1]  # noqa: E731
+    else:
+        index = torch.tensor(rows, device=state.x.device)
+        cut = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
     return replace(state, x=cut(state.x), e=cut(state.e), e0=cut(state.e0), context=cut(state.context),
                    context_img=cut(state.context_img))
 

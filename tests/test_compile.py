@@ -64,7 +64,8 @@ COND = Conditioning(torch.randn(1, 512, factory.TEXT_DIM, generator=_GEN), torch
 NEG = Conditioning(torch.randn(1, 512, factory.TEXT_DIM, generator=_GEN), COND.y)
 
 
-def _job(prepared, batch_cfg: bool, sparse_on: bool = True, compiled: bool = True, skip: bool = True):
+def _job(prepared, batch_cfg: bool, sparse_on: bool = True, compiled: bool = True, skip: bool = True,
+         passes: tuple[int, ...] = (0, 1)):
     """A two-pass 4-step job: the high-noise expert for steps 0-1, the low-noise one for 2-3, a
     MagCache that skips (short schedules allowed), sparse attention with its first block dense."""
     policy = MagCache(((0.99, 0.93),) * 4, threshold=0.1 if skip else 0.0, skip_limit=1, retention=0.0,
@@ -74,6 +75,8 @@ def _job(prepared, batch_cfg: bool, sparse_on: bool = True, compiled: bool = Tru
     runs = []
     latent, state = torch.zeros(SHAPE), None
     for which, (start, end) in enumerate(((0, 2), (2, 4))):
+        if which not in passes:
+            continue
         p = prepared[which]
         run = p.run_blocks
         if sparse_on:
@@ -93,14 +96,14 @@ def _job(prepared, batch_cfg: bool, sparse_on: bool = True, compiled: bool = Tru
 
 
 def test_no_recompile_after_warm_up(experts):
-    """After one job with batched CFG and one with CFG one branch at a time (the variants:
-    batch 2 and 1, the dense first block and the sparse ones), nothing compiles again: not over
-    steps, not for the other expert, not between CFG modes, not after a LoRA strength change
-    (unmerged, hooks and buffers replaced), not when a step cache skips or runs one row, and not
-    through block swap's ``.data`` swaps of the last block."""
+    """After the high-noise expert's pass with batched CFG and with CFG one branch at a time
+    (the variants: batch 2 and 1, the dense first block and the sparse ones), nothing compiles
+    again: not over steps, not for the other expert, not between CFG modes, not after a LoRA
+    strength change (unmerged, hooks and buffers replaced), not when a step cache skips or runs
+    one row, and not through block swap's ``.data`` swaps of the last block."""
     prepared, _ = experts
-    _job(prepared, batch_cfg=True)
-    _job(prepared, batch_cfg=False)
+    _job(prepared, batch_cfg=True, passes=(0,))
+    _job(prepared, batch_cfg=False, passes=(0,))
     warm = graphs_compiled()
     assert warm > 0
     for p in prepared:
@@ -114,6 +117,33 @@ def test_no_recompile_after_warm_up(experts):
     assert graphs_compiled() == warm, "recompiled after warm-up"
     assert all(r.graphs == 0 and r.warmup_s == 0 and r.calls > 0 for r in runs)
     assert all(p.swap_stats().forwards > 0 for p in prepared)
+
+
+def test_one_graph_for_every_block():
+    """Four fp8 blocks (each with its own weight scale) and sparse attention with the first
+    block dense: two graphs (dense, sparse), so nothing per block is baked into the graph."""
+    from wanfit.optim import fp8
+    from wanfit.wan.model import WanConfig, WanModel
+
+    torch._dynamo.reset()  # count this model's graphs from nothing
+    torch.manual_seed(0)
+    model = WanModel(WanConfig("t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=4, freq_dim=32,
+                               text_dim=32)).eval()
+    fp8.quantize_module(model, "e4m3fn", torch.float32)
+    scales = {float(b.ffn[0].scale_weight) for b in model.blocks}
+    assert len(scales) == 4
+    run = CompiledRun(model, AOT)
+    sparse_run = SparseAttention(SparseSettings("radial", decay=0.3, block_size=16)).wrap(
+        lambda state, call: model.run_blocks(state), model.blocks)
+    cond = Conditioning(torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        eager = make_denoiser(model, cond, None, 1.0, run_blocks=sparse_run)(x, 0.9, 0)
+        out = make_denoiser(model, cond, None, 1.0, run_blocks=run.wrap(sparse_run))(x, 0.9, 0)
+    compiled_blocks.detach(model)
+    torch._dynamo.reset()
+    assert run.graphs == 2
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_equals_eager(experts):
