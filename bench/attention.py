@@ -6,7 +6,8 @@ Rows:
                 with the same q, k, v, at 8k / 16k / 32k tokens: token grids of 30 x 52 tokens
                 a frame (832 x 480 video), 5 / 11 / 21 latent frames (17 / 41 / 81 video
                 frames), per pattern (radial at the Wan 2.1 recipe's decay 0.2, with its frame-0
-                sink; a window of 2 frames, 8 rows, 8 columns each side)
+                sink; a window of 2 frames, 8 rows, 8 columns each side; each exact, or with
+                ``_blocks`` in whole 128-token blocks)
     dit         a whole medium DiT forward (dim 1024, 8 heads of 128, 4 blocks) at 16k tokens,
                 dense against sparse (every block sparse)
     compiled    the medium DiT forward with eager blocks against Inductor-compiled blocks (one
@@ -26,6 +27,7 @@ stdout is a JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -66,8 +68,11 @@ def _best(fn, repeats: int, device: torch.device) -> float:
 
 def patterns():
     from wanfit.optim.sparse import SparseSettings
-    return {"radial": SparseSettings("radial", decay=0.2, dense_blocks=0),
-            "window": SparseSettings("window", window=(2, 8, 8), dense_blocks=0)}
+    radial = SparseSettings("radial", decay=0.2, dense_blocks=0)
+    window = SparseSettings("window", window=(2, 8, 8), dense_blocks=0)
+    return {"radial": radial, "window": window,
+            "radial_blocks": dataclasses.replace(radial, granularity="block"),
+            "window_blocks": dataclasses.replace(window, granularity="block")}
 
 
 def grid_for(tokens: int) -> tuple[int, int, int]:
@@ -166,7 +171,8 @@ def compiled_row(config: dict, tokens: int, device, dtype, repeats: int, backend
             eager_s2 = min(eager_s2, _best(lambda: model(**inputs), 1, device))
     compiled_blocks.detach(model)
     eager_s = min(eager_s, eager_s2)
-    return {"row": "compiled", "backend": backend, "tokens": grid[0] * grid[1] * grid[2], "grid": list(grid), "blocks": config["num_layers"],
+    return {"row": "compiled", "backend": backend, "tokens": grid[0] * grid[1] * grid[2], "grid": list(grid),
+            "blocks": config["num_layers"],
             "eager_s": eager_s, "compiled_s": compiled_s, "compiled_over_eager": compiled_s / eager_s,
             "first_call_s": first_s, "max_abs_diff": float((out - eager_out).abs().max())}
 
@@ -177,7 +183,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", default="8192,16384,32768")
-    parser.add_argument("--patterns", default="radial,window")
+    parser.add_argument("--patterns", default="radial,window",
+                        help="of radial, window, radial_blocks, window_blocks")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--quick-tokens", type=int, default=4096)
     parser.add_argument("--no-dit", action="store_true")
@@ -192,9 +199,9 @@ def main(argv=None) -> dict:
     rows = []
     if args.quick:
         name, settings = next(iter(chosen.items()))
-        rows.append(attention_row(args.quick_tokens, name, settings, device, dtype, 2))
+        rows.append(attention_row(args.quick_tokens, name, settings, device, dtype, 1))
         print(json.dumps(rows[-1]), flush=True)
-        rows.append(dit_row(SMALL, args.quick_tokens, name, settings, device, dtype, 2))
+        rows.append(dit_row(SMALL, args.quick_tokens, name, settings, device, dtype, 1))
         print(json.dumps(rows[-1]), flush=True)
     else:
         for tokens in (int(t) for t in args.tokens.split(",")):

@@ -13,7 +13,7 @@ from dataclasses import replace
 from ..optim import compile as compiled_blocks
 from ..optim.compile import CompiledRun, CompileSettings
 from ..optim.planner import latent_shape
-from ..optim.sparse import PATTERNS, SparseAttention, SparseSettings
+from ..optim.sparse import GRANULARITIES, PATTERNS, SparseAttention, SparseSettings
 from .load import ModelHandle
 from .types import ImageEmbeds
 
@@ -33,8 +33,10 @@ class WanFitSparseAttention:
     Attention's mask (neighbouring frames dense, the spatial window halving with each doubling of
     the frame distance; decay scales it, 1 = the paper's, 0.2 / 0.8 = its Wan 2.1 / 2.2 scripts);
     window = a plain window of frames, rows and columns. The first steps and blocks can stay
-    dense (the published recipe: the first block, about a quarter of the steps). Outputs the
-    model with it and, given the image embeds, the share of attention computed."""
+    dense (the published recipe: the first block, about a quarter of the steps). granularity
+    token keeps the mask exactly; block computes every touched 128-token block whole (faster,
+    as block-sparse kernels do). Outputs the model with it and, given the image embeds, the
+    share of attention computed."""
 
     DISPLAY_NAME = "WanFit Sparse Attention"
     CATEGORY = CATEGORY
@@ -54,13 +56,14 @@ class WanFitSparseAttention:
             "window_columns": ("INT", {"default": 8, "min": 0, "max": 1000}),
             "dense_steps": ("INT", {"default": 0, "min": 0, "max": 10000}),
             "dense_blocks": ("INT", {"default": 1, "min": 0, "max": 64}),
+            "granularity": (list(GRANULARITIES), {"default": "token"}),
         }, "optional": {"image_embeds": ("WANFIT_IMAGE_EMBEDS",)}}
 
     def apply(self, model: ModelHandle, pattern: str, decay: float, attention_sink: bool, window_frames: int,
-              window_rows: int, window_columns: int, dense_steps: int, dense_blocks: int,
+              window_rows: int, window_columns: int, dense_steps: int, dense_blocks: int, granularity: str = "token",
               image_embeds: ImageEmbeds | None = None):
         settings = SparseSettings(pattern, decay, attention_sink, (window_frames, window_rows, window_columns),
-                                  dense_steps, dense_blocks)
+                                  dense_steps, dense_blocks, granularity=granularity)
         text = settings.describe()
         if image_embeds is not None:
             grid = token_grid(model, image_embeds)

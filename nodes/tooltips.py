@@ -98,6 +98,9 @@ TOOLTIPS = {
     "window_columns": "window: how many token columns apart.",
     "dense_steps": "The first steps of the schedule run dense attention (the published recipe: about a quarter).",
     "dense_blocks": "The first blocks of every step run dense attention (the published recipe: 1).",
+    "granularity": "token: the mask exactly (blocks the mask cuts through are computed with it); block: every "
+                   "128-token block holding a kept pair is computed whole, as block-sparse kernels do (faster, "
+                   "keeps a little more).",
     "compile_backend": "inductor: fused kernels (needs a C compiler on the CPU; Triton on the GPU); aot_eager / "
                        "eager: only checks the block compiles, no speed-up.",
     "compile_mode": "default; max-autotune-no-cudagraphs tries more kernel variants (a longer first job).",

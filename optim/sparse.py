@@ -51,6 +51,7 @@ from ..wan.model import WanState
 
 log = logging.getLogger("WanFit")
 PATTERNS = ("radial", "window")
+GRANULARITIES = ("token", "block")
 MASKS_KEPT = 8  # grids whose block masks stay cached (context windows: one or two grids)
 
 
@@ -65,8 +66,12 @@ class SparseSettings:
     dense_steps: int = 0  # the first steps of the schedule run dense
     dense_blocks: int = 1  # the first blocks of every call run dense
     block_size: int = 128
+    granularity: str = "token"  # token: the mask exactly; block: every computed block whole (no per-pair rule)
 
     def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"sparse attention granularity {self.granularity!r}: choose one of "
+                             f"{', '.join(GRANULARITIES)}")
         if self.pattern not in PATTERNS:
             raise ValueError(f"sparse attention pattern {self.pattern!r}: choose one of {', '.join(PATTERNS)}")
         if not (math.isfinite(self.decay) and self.decay > 0):
@@ -90,6 +95,8 @@ class SparseSettings:
             dense.append(f"first {self.dense_steps} step{'s' if self.dense_steps > 1 else ''}")
         if self.dense_blocks:
             dense.append(f"first {self.dense_blocks} block{'s' if self.dense_blocks > 1 else ''}")
+        if self.granularity == "block":
+            what += f" in whole {self.block_size}-token blocks"
         return f"sparse attention {what}" + (f", dense in the {' and '.join(dense)}" if dense else "")
 
 
@@ -153,10 +160,29 @@ class TokenRule:
         return sum(t.nbytes for t in vars(self).values() if isinstance(t, Tensor))
 
 
+class BlockRule:
+    """``keep(q, kv)`` at block granularity: the pair's blocks hold a pair the pattern keeps."""
+
+    def __init__(self, kept: Tensor, block_size: int):
+        self.kept, self.block_size = kept, block_size
+
+    def __call__(self, b, h, q: Tensor, kv: Tensor) -> Tensor:
+        return self.keep(q, kv)
+
+    def keep(self, q: Tensor, kv: Tensor) -> Tensor:
+        return self.kept[q // self.block_size, kv // self.block_size]
+
+    def nbytes(self) -> int:
+        return self.kept.nbytes
+
+
 def dense_mask(settings: SparseSettings, grid: tuple[int, int, int]) -> Tensor:
     """The [L, L] boolean mask of a (small) grid: tests and explanations."""
     rule = TokenRule(settings, grid)
     idx = torch.arange(rule.tokens)
+    if settings.granularity == "block":
+        some, _ = _block_lists(settings, rule.grid, "cpu")
+        return BlockRule(some, settings.block_size).keep(idx[:, None], idx[None, :])
     return rule.keep(idx[:, None], idx[None, :])
 
 
@@ -169,7 +195,7 @@ class GridMask:
     grid: tuple[int, int, int]
     tokens: int
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
-    rule: TokenRule
+    rule: TokenRule | BlockRule
     blocks: int  # q-block x kv-block pairs
     partial: int  # pairs computed through the mask rule
     full: int  # pairs computed whole
@@ -281,13 +307,16 @@ def build_grid_mask(settings: SparseSettings, grid: tuple[int, int, int], device
         order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
         return counts[None, None].contiguous(), order[None, None].contiguous()
 
+    density, rule_grid = kept_pairs(settings, rule.grid) / (n * n), rule.grid
+    if settings.granularity == "block":  # every computed block whole: the kernel evaluates no rule
+        rule, full, partial, density = BlockRule(some, bs), some, torch.zeros_like(some), computed
     kv_num, kv_idx = ordered(partial)
     full_num, full_idx = ordered(full)
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=rule,
                                           seq_lengths=(n, n), compute_q_blocks=False)
     nbytes = rule.nbytes() + sum(t.nbytes for t in (kv_num, kv_idx, full_num, full_idx))
-    return GridMask(rule.grid, n, block_mask, rule, nb * nb, int(partial.sum()), int(full.sum()), computed,
-                    kept_pairs(settings, rule.grid) / (n * n), nbytes)
+    return GridMask(rule_grid, n, block_mask, rule, nb * nb, int(partial.sum()), int(full.sum()), computed,
+                    density, nbytes)
 
 
 def mask_bytes(settings: SparseSettings, grid: tuple[int, int, int]) -> int:
@@ -295,8 +324,12 @@ def mask_bytes(settings: SparseSettings, grid: tuple[int, int, int]) -> int:
     n = math.prod(grid)
     nb = -(-n // settings.block_size)
     padded = nb * settings.block_size
-    tables = (2 if settings.pattern == "radial" else 3) * 4 * padded + 4 * (grid[0] if settings.pattern == "radial"
-                                                                           else 3) + 1
+    if settings.granularity == "block":
+        tables = nb * nb
+    elif settings.pattern == "radial":
+        tables = 2 * 4 * padded + 4 * grid[0] + 1
+    else:
+        tables = 3 * 4 * padded + 4 * 3
     return tables + 2 * (4 * nb + 4 * nb * nb)
 
 
@@ -415,7 +448,7 @@ class SparseAttention:
         """The op for ``grid`` on ``device``: one object per pattern, grid, device and dense
         backend in this process (kept between jobs, so compiled code sees the same one)."""
         s = self.settings
-        pattern = (s.pattern, s.decay, s.sink, s.window, s.block_size)
+        pattern = (s.pattern, s.decay, s.sink, s.window, s.block_size, s.granularity)
         key = (pattern, tuple(int(g) for g in grid), str(torch.device(device)), backend)
         with _OPS_LOCK:
             if key in _OPS:

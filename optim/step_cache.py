@@ -49,8 +49,9 @@ below counts calls as theirs do, cond and uncond interleaved: ``cnt = 2 * step +
   ``warmup`` steps and the last compute.
 
 Where ours differs from the authors' code, on purpose: a threshold of 0 never skips (their
-TeaCache skips at 0 when its polynomial goes negative); EasyCache and the TeaCache calibration measure the block stack's input and output (the hook
-we have), not the model's latent in and out.
+TeaCache skips at 0 when its polynomial goes negative); EasyCache and the TeaCache
+calibration measure the block stack's input and output (the hook we have), not the model's
+latent in and out.
 
 Calibration (:class:`Calibrate`) computes every call and records, per branch and step, the
 residual magnitude ratio (MagCache's ``mag_ratios``) and the relative change of the
@@ -641,7 +642,8 @@ class StepCache:
         elif len(compute) == rows:
             done = run_blocks(state, call).x
         else:  # batched CFG where one branch may reuse: only the others run (as the reference's calls do)
-            done = run_blocks(_rows_of(state, compute), replace(call, branches=tuple(call.branches[i] for i in compute))).x
+            part = replace(call, branches=tuple(call.branches[i] for i in compute))
+            done = run_blocks(_rows_of(state, compute), part).x
         out = self._assemble(x, done, compute, [sts[i].residual if reuse[i] else None for i in range(rows)])
         for j, i in enumerate(compute):
             x_in, out_row = x[i:i + 1], done[j:j + 1]

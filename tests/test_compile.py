@@ -113,7 +113,8 @@ def test_no_recompile_after_warm_up(experts):
         latent, cache, runs = _job(prepared, batch_cfg)
         assert torch.isfinite(latent).all()
     report = cache.report()
-    assert report["steps_skipped"] > 0 and report["branches"]["cond"]["skipped"] != report["branches"]["uncond"]["skipped"]
+    branches = report["branches"]
+    assert report["steps_skipped"] > 0 and branches["cond"]["skipped"] != branches["uncond"]["skipped"]
     assert graphs_compiled() == warm, "recompiled after warm-up"
     assert all(r.graphs == 0 and r.warmup_s == 0 and r.calls > 0 for r in runs)
     assert all(p.swap_stats().forwards > 0 for p in prepared)

@@ -137,7 +137,8 @@ def _two_passes(models, split: int, steps: int, shift: float, hook, batch_cfg: b
         a = sample(make_denoiser(models[0], COND, UNCOND, 5.0, batch_cfg=batch_cfg, run_blocks=hook(models[0], 0)),
                    torch.zeros(SHAPE), sigmas, "unipc", end_step=split, noise=noise, return_with_leftover_noise=True)
         b = sample(make_denoiser(models[1], COND, UNCOND, 5.0, batch_cfg=batch_cfg, run_blocks=hook(models[1], 1)),
-                   a.latent, sigmas, "unipc", start_step=split, noise=None, add_noise=False, solver_state=a.solver_state)
+                   a.latent, sigmas, "unipc", start_step=split, noise=None, add_noise=False,
+                   solver_state=a.solver_state)
     return b.latent
 
 

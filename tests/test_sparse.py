@@ -71,7 +71,8 @@ def test_radial_mask_is_the_papers_on_small_grids_written_out():
              "DDAAAD",
              "DDDAAA",
              "0DDDAA"]
-    assert torch.equal(dense_mask(SparseSettings("radial", sink=False, block_size=16), (6, 2, 1)), _expand(table, blocks))
+    plain = SparseSettings("radial", sink=False, block_size=16)
+    assert torch.equal(dense_mask(plain, (6, 2, 1)), _expand(table, blocks))
     assert radial_reach(6, 2) == [1, 1, 0, 0, 0, -1]
     # decay scales the window of frames 2+ apart only: s = 8, decay 0.5: w = 2 at d 2-3, 1 at d 4
     assert radial_reach(5, 8, 0.5) == [7, 7, 1, 1, 0]
@@ -88,6 +89,8 @@ def test_window_mask_on_a_grid_written_out():
 CASES = [SparseSettings("radial", decay=0.3, block_size=16), SparseSettings("radial", sink=False, block_size=16),
          SparseSettings("radial", decay=2.0, block_size=32), SparseSettings("window", window=(1, 1, 2), block_size=16),
          SparseSettings("window", window=(0, 3, 0), block_size=32)]
+BLOCKS = [SparseSettings("radial", decay=0.3, block_size=16, granularity="block"),
+          SparseSettings("window", window=(1, 1, 2), block_size=16, granularity="block")]
 GRIDS = [(7, 3, 5), (9, 4, 11), (3, 17, 2), (12, 2, 3), (2, 1, 40)]
 
 
@@ -113,6 +116,27 @@ def test_block_lists_and_fractions_equal_brute_force(settings):
         assert kept_pairs(settings, grid) == int(m.sum()) and got.density == pytest.approx(float(m.float().mean()))
         covered = (some.repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:n, :n]).float().mean()
         assert got.keep_fraction == pytest.approx(float(covered)), grid
+
+
+@pytest.mark.parametrize("settings", BLOCKS, ids=lambda s: s.describe())
+def test_block_granularity_computes_every_touched_block_whole(settings):
+    token = SparseSettings(settings.pattern, settings.decay, settings.sink, settings.window, block_size=16)
+    for grid in GRIDS[:3]:
+        exact = dense_mask(token, grid)
+        n, bs = exact.shape[0], 16
+        nb = -(-n // bs)
+        touched = torch.zeros(nb * bs, nb * bs, dtype=torch.bool)
+        touched[:n, :n] = exact
+        touched = touched.view(nb, bs, nb, bs).any(3).any(1)
+        want = touched.repeat_interleave(bs, 0).repeat_interleave(bs, 1)[:n, :n]
+        assert torch.equal(dense_mask(settings, grid), want) and bool((want | ~exact).all())
+        got = build_grid_mask(settings, grid, "cpu")
+        assert got.partial == 0 and got.full == int(touched.sum()) and got.density == got.keep_fraction
+        assert got.keep_fraction == build_grid_mask(token, grid, "cpu").keep_fraction
+        assert abs(sparse.mask_bytes(settings, grid) - got.nbytes) <= 64
+        q, k, v = _qkv(n, heads=2)
+        op = SparseAttention(settings).op(grid, "cpu")
+        torch.testing.assert_close(op(q, k, v), _masked_sdpa(q, k, v, want), rtol=1e-5, atol=1e-5)
 
 
 def test_keep_fraction_follows_the_settings():
@@ -253,7 +277,8 @@ def files(tmp_path_factory):
 
 def _step(prepared, run_blocks):
     gen = torch.Generator().manual_seed(0)
-    cond = Conditioning(torch.randn(1, 512, factory.TEXT_DIM, generator=gen), torch.randn(1, 20, 3, 4, 4, generator=gen))
+    cond = Conditioning(torch.randn(1, 512, factory.TEXT_DIM, generator=gen),
+                        torch.randn(1, 20, 3, 4, 4, generator=gen))
     neg = Conditioning(torch.randn(1, 512, factory.TEXT_DIM, generator=gen), cond.y)
     denoise = make_denoiser(prepared.model, cond, neg, 3.5, run_blocks=run_blocks)
     with torch.inference_mode():
