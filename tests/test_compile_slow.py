@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from wanfit.nodes.memory import sparse_hook
 from wanfit.optim import compile as compiled_blocks
-from wanfit.optim import planner, sparse
+from wanfit.optim import planner
 from wanfit.optim.compile import CompiledRun, CompileSettings, graphs_compiled
 from wanfit.optim.hostmem import allocation_peak
 from wanfit.optim.sparse import SparseAttention, SparseSettings, dense_mask

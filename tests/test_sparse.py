@@ -21,7 +21,7 @@ from wanfit.optim.sparse import (SparseAttention, SparseSettings, build_grid_mas
                                  radial_reach)
 from wanfit.optim.step_cache import MagCache, StepCache
 from wanfit.wan.checkpoint import open_checkpoint
-from wanfit.wan.denoise import Conditioning, DiTCall, make_denoiser
+from wanfit.wan.denoise import Conditioning, make_denoiser
 from wanfit.wan.model import WanConfig, WanModel
 
 
