@@ -26,7 +26,7 @@ def test_sparse_attention_and_compiled_blocks_over_http(wan_models, comfy_server
         prompt[sparse_id] = {"class_type": "WanFitSparseAttention", "inputs": {
             "model": prompt[key]["inputs"]["model"], "image_embeds": [embeds, 0], "pattern": "radial", "decay": 0.2,
             "attention_sink": True, "window_frames": 2, "window_rows": 8, "window_columns": 8, "dense_steps": 1,
-            "dense_blocks": 1}}
+            "dense_blocks": 1, "granularity": "token"}}
         prompt[compile_id] = {"class_type": "WanFitCompile", "inputs": {
             "model": [sparse_id, 0], "compile_backend": "eager", "compile_mode": "default"}}
         prompt[key]["inputs"]["model"] = [compile_id, 0]
