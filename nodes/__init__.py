@@ -10,6 +10,7 @@ from .memory import WanFitMemory
 from .multigpu import WanFitMultiGPU
 from .sample import WanFitSampler, WanFitTwoPassSampler
 from .save import WanFitSaveVideo
+from .speed import WanFitCompile, WanFitSparseAttention
 from .tooltips import with_tooltips
 from .validation import with_graph_check
 
@@ -26,6 +27,8 @@ NODE_CLASS_MAPPINGS = {
     "WanFitImageToVideoEncode": WanFitImageToVideoEncode,
     "WanFitMemory": WanFitMemory,
     "WanFitMultiGPU": WanFitMultiGPU,
+    "WanFitSparseAttention": WanFitSparseAttention,
+    "WanFitCompile": WanFitCompile,
     "WanFitContextWindows": WanFitContextWindows,
     "WanFitTeaCache": WanFitTeaCache,
     "WanFitMagCache": WanFitMagCache,

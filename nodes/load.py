@@ -49,6 +49,8 @@ class ModelHandle:
     memory: object | None = None  # MemorySettings from a WanFit Memory node (nodes/memory.py)
     loras: tuple[LoraChoice, ...] = ()  # from WanFit LoRA nodes, in chain order
     parallel: object | None = None  # from a WanFit Multi-GPU node (nodes/multigpu.py)
+    sparse: object | None = None  # SparseSettings from a WanFit Sparse Attention node (optim/sparse.py)
+    compiled: object | None = None  # CompileSettings from a WanFit Compile node (optim/compile.py)
 
     @property
     def name(self) -> str:

@@ -16,6 +16,7 @@ import torch
 from ..optim import fp8, gguf, lora, parallel, planner
 from ..optim.engine import SwapSettings
 from ..optim.parallel import Mesh
+from ..optim.sparse import SparseAttention, mask_bytes
 from ..optim.step_cache import StepCache
 from ..wan.attention import available_backends
 from ..wan.denoise import DiTCall
@@ -130,6 +131,35 @@ def split_hook(hook: planner.BlocksHook | None, mesh: Mesh, rank: int) -> planne
                               hook.held if hook is not None else (lambda batch, tokens: 0))
 
 
+def sparse_hook(handle: ModelHandle, device_type: str = "cuda") -> planner.BlocksHook | None:
+    """Sparse attention as the planner traces it: its wrapper sets the op, which on fake tensors
+    allocates what the flex kernel of ``device_type`` allocates; its block masks are held between
+    calls."""
+    settings = getattr(handle, "sparse", None)
+    if settings is None:
+        return None
+
+    def wrap(run, batch):
+        blocks = getattr(getattr(run, "__self__", None), "blocks", ())  # the traced model's own blocks
+        sparse = SparseAttention(settings, device_type).wrap(lambda state, call: run(state), blocks)
+        branches = ("cond", "uncond") if batch == 2 else ("cond",)
+        return lambda state: sparse(state, DiTCall(settings.dense_steps, 1.0, branches))
+
+    def held(batch, tokens):
+        return mask_bytes(settings, (1, 1, tokens))
+
+    return planner.BlocksHook(("sparse", settings, device_type), settings.describe(), wrap, held)
+
+
+def chain_hooks(outer: planner.BlocksHook | None, inner: planner.BlocksHook | None) -> planner.BlocksHook | None:
+    """Two wrappers of the block stack as one: ``outer`` (a step cache) around ``inner``."""
+    if outer is None or inner is None:
+        return outer or inner
+    return planner.BlocksHook((outer.key, inner.key), f"{outer.label}; {inner.label}",
+                              lambda run, batch: outer.wrap(inner.wrap(run, batch), batch),
+                              lambda batch, tokens: outer.held(batch, tokens) + inner.held(batch, tokens))
+
+
 def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch.device,
              settings: MemorySettings | None = None, cache=None, windows=None, split=None) -> JobPlan:
     """Plan one pass before loading; raises planner.PlanError (naming the smallest budget that
@@ -149,7 +179,7 @@ def plan_job(handle: ModelHandle, embeds: ImageEmbeds, cfg: float, device: torch
     frames = embeds.latent_frames
     active = windows is not None and windows.active(frames)
     count = len(windows.index_lists(frames)) if active else 1
-    hook = cache_hook(cache, handle, count)
+    hook = chain_hooks(cache_hook(cache, handle, count), sparse_hook(handle))
     batch = None if split is None or split.batch_cfg is None else (2 if split.batch_cfg else 1)
     plan = planner.plan_memory(
         handle.config, frames=embeds.frames, width=embeds.width, height=embeds.height,

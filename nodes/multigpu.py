@@ -209,7 +209,7 @@ class FileRef:
 def _model_spec(handle: ModelHandle) -> dict:
     return {"file": FileRef.of(handle.ckpt.path, handle.name, "diffusion_models", "unet"),
             "weight_format": handle.weight_format, "compute_dtype": handle.compute_dtype,
-            "attention": handle.attention, "memory": handle.memory,
+            "attention": handle.attention, "memory": handle.memory, "sparse": handle.sparse,
             "loras": [(FileRef.of(Path(c.lora.path), c.lora.name, "loras"), c.strength, c.mode) for c in handle.loras]}
 
 
@@ -330,7 +330,7 @@ def _handle_from(spec: dict, models: Path | None, role: WorkerRole) -> ModelHand
     loras = tuple(LoraChoice(open_lora(ref.resolve(models), ckpt.shapes, ref.name), strength, mode)
                   for ref, strength, mode in spec["loras"])
     return ModelHandle(ckpt, config, spec["weight_format"], spec["compute_dtype"], spec["attention"],
-                       spec["memory"], loras, parallel=role)
+                       spec["memory"], loras, parallel=role, sparse=spec["sparse"])
 
 
 def _serve_pass(job: dict, member: Member, models: Path | None) -> dict:

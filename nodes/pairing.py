@@ -7,7 +7,8 @@ from . import graph
 
 ENCODE = "WanFit Image-to-Video Encode"
 EMPTY = "WanFit Empty Embeds"
-_THROUGH_MODEL = {"WanFitLoRA": "model", "WanFitMemory": "model", "WanFitMultiGPU": "model"}
+_THROUGH_MODEL = {"WanFitLoRA": "model", "WanFitMemory": "model", "WanFitMultiGPU": "model",
+                  "WanFitSparseAttention": "model", "WanFitCompile": "model"}
 
 
 def pairing_problem(model: str, config: WanConfig, image: str | None, clip: bool,

@@ -19,6 +19,7 @@ from . import comfy, multigpu
 from .load import ModelHandle
 from .memory import JobPlan, plan_job
 from .pairing import pairing_problem
+from .speed import PassSpeed
 from .stages import get_model, release_model
 from .types import (SCHEDULE_KEY, SOLVER_STATE_KEY, ImageEmbeds, TextEmbeds, from_comfy_latent,
                     to_comfy_latent)
@@ -133,6 +134,8 @@ def _run(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent: tor
         positive, negative = _conditioning(handle, text, embeds, loading.DTYPES[handle.compute_dtype])
         first = embeds.first_latent
         run_blocks = prepared.run_blocks if split is None else split.wrap(prepared.run_blocks)
+        speed = PassSpeed(handle, prepared.model, parallel=split is not None)
+        run_blocks = speed.wrap(run_blocks)
         if cache is not None:
             run_blocks = cache.wrap(run_blocks, str(handle.key))
         denoise = make_denoiser(prepared.model, positive, negative, cfg,
@@ -152,6 +155,7 @@ def _run(handle: ModelHandle, text: TextEmbeds, embeds: ImageEmbeds, latent: tor
                 left = float(sigmas[min(end, len(sigmas) - 1)]) if leftover else 0.0
                 result.latent = result.latent.clone()
                 result.latent[:, :, :1] = first.to(result.latent) / (1 - left)  # the image frame, exactly
+        speed.record(tel)
         return result
     except torch.OutOfMemoryError as err:
         release_model()

@@ -88,6 +88,22 @@ TOOLTIPS = {
     "allow_short_schedules": "With 8 or fewer steps (distilled / LoRA schedules) nothing is skipped unless this is "
                              "on: the caches lose too much quality there.",
     "name": "Calibration name: saved as user/wanfit/step_cache/NAME.json and listed on the cache nodes.",
+    "pattern": "radial: Radial Attention's mask (neighbouring frames dense, the spatial window halving as the "
+               "frame distance doubles); window: tokens attend within a box of frames, rows and columns.",
+    "decay": "radial: scales the spatial window of frames 2 or more apart; 1 = the paper's mask, smaller is "
+             "sparser (its scripts: 0.2 for Wan 2.1, 0.8 for Wan 2.2).",
+    "attention_sink": "radial: every token also attends to all of the first frame (the reference's choice for Wan).",
+    "window_frames": "window: how many frames apart two tokens may be (each side).",
+    "window_rows": "window: how many token rows apart (a token is 16 x 16 pixels with the Wan 2.1 VAE).",
+    "window_columns": "window: how many token columns apart.",
+    "dense_steps": "The first steps of the schedule run dense attention (the published recipe: about a quarter).",
+    "dense_blocks": "The first blocks of every step run dense attention (the published recipe: 1).",
+    "granularity": "token: the mask exactly (blocks the mask cuts through are computed with it); block: every "
+                   "128-token block holding a kept pair is computed whole, as block-sparse kernels do (faster, "
+                   "keeps a little more).",
+    "compile_backend": "inductor: fused kernels (needs a C compiler on the CPU; Triton on the GPU); aot_eager / "
+                       "eager: only checks the block compiles, no speed-up.",
+    "compile_mode": "default; max-autotune-no-cudagraphs tries more kernel variants (a longer first job).",
     "tiling": "Tiled VAE settings (a WanFit VAE Tiling node). Unconnected = auto: whole frames when they fit the "
               "GPU, else the largest tiles that do; the CPU only when not even small tiles fit.",
     "tiling_mode": "auto: the largest tiles that fit the GPU (whole frames when they do), with the overlap and "

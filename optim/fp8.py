@@ -105,6 +105,8 @@ def dequantize(w8: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
             raise ValueError(f"expected a per-tensor scale, got shape {tuple(scale.shape)}")
+        if torch.compiler.is_compiling():  # a graph input: one graph for every layer's scale
+            return w8.to(dtype).mul_(scale.to(w8.device))
         scale = scale.item()
     w = w8.to(dtype)
     return w if scale == 1.0 else w.mul_(scale)
@@ -279,7 +281,10 @@ class FP8Linear(nn.Module):
                 log.warning("fp8 matmul failed on %s (%s); this layer upcasts its weight instead", x.device, err)
                 self._use_mm[x.device] = False
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, dequantize(self.weight, self._scale, x.dtype), bias)
+        # Compiled, the scale is read from its buffer: the Python float would be baked into the
+        # graph, one graph per layer.
+        scale = self.scale_weight if torch.compiler.is_compiling() else self._scale
+        return F.linear(x, dequantize(self.weight, scale, x.dtype), bias)
 
     def _mm_enabled(self, device: torch.device) -> bool:
         use = self._use_mm.get(device)
@@ -389,3 +394,14 @@ def load_scaled(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
             sd.pop(f"{owner}.scale_input", None)
             sd[key] = dequantize(sd[key], scale, compute_dtype)
     return module.load_state_dict(sd, strict=strict)
+
+
+def settle_matmul(model: nn.Module, device: torch.device | str) -> None:
+    """Decide now, for every FP8Linear of ``model``, whether it runs ``torch._scaled_mm`` on
+    ``device``: a compiled block must find the choice made, not make it on its first call (a
+    first-call side effect is a different graph than the calls after it, in every layer of
+    every new model)."""
+    device = torch.device(device)
+    for layer in model.modules():
+        if isinstance(layer, FP8Linear):
+            layer._mm_enabled(device)

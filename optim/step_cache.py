@@ -15,11 +15,15 @@ Block swap, fp8 and LoRA live inside the wrapped ``run_blocks`` and are untouche
 State is kept per ``(branch, window)`` and indexed by ``DiTCall.step``, the step's place in
 the whole schedule, so the second pass of a two-pass job continues the first pass's
 schedule (reuse the object, or hand ``state_dict()`` to a new one). A different model (the
-other A14B expert) invalidates what was stored: its first call computes, because one
-expert's residual says nothing about the other's.
+other A14B expert) invalidates what TeaCache and EasyCache stored: its first call computes,
+because one expert's residual says nothing about the other's. MagCache's A14B rules keep
+their state across the switch, as the reference does (its retention window computes the
+low-noise expert's first calls).
 
-With batched CFG the rows decide separately and the batch computes when any row must; every
-row then takes its fresh residual. Each branch only ever reads its own residual.
+With batched CFG the rows decide separately, as the authors' code decides for its separate
+cond and uncond calls: a row that may reuse its residual does, and only the rows that must
+compute run the blocks (a batch of one when the other reuses). Each branch only ever reads
+its own residual.
 
 The rules follow the authors' code (constants in ``step_cache_constants.json``; ``cnt``
 below counts calls as theirs do, cond and uncond interleaved: ``cnt = 2 * step + row``):
@@ -33,7 +37,11 @@ below counts calls as theirs do, cond and uncond interleaved: ``cnt = 2 * step +
   to the error; reuse while the error stays below the threshold and at most K calls in a
   row; the first ``retention * 2 * steps`` calls compute. Wan 2.2 A14B: the ratios span both
   experts; t2v also computes the first ``retention`` share of the low-noise expert's calls,
-  i2v computes the whole high-noise expert and that share.
+  i2v computes the whole high-noise expert and that share. As in the reference, the
+  accumulators restart only when a call outside the retention windows computes (a computed
+  call inside a window leaves them as they were), and the whole state (accumulators and
+  residuals) carries over the expert switch: the reference keeps it on the model class,
+  which both experts share.
 - EasyCache (H-EmbodVis/EasyCache, EasyCache4Wan2.1): runtime-adaptive. The cond branch
   decides for its pair: ``k`` (output change over input change between its last two
   computed calls) times the input's change since the previous step over the last computed
@@ -41,10 +49,9 @@ below counts calls as theirs do, cond and uncond interleaved: ``cnt = 2 * step +
   ``warmup`` steps and the last compute.
 
 Where ours differs from the authors' code, on purpose: a threshold of 0 never skips (their
-TeaCache skips at 0 when its polynomial goes negative); every computed call restarts the
-accumulators, also inside MagCache's retention windows (as the published rule says);
-EasyCache and the TeaCache calibration measure the block stack's input and output (the hook
-we have), not the model's latent in and out.
+TeaCache skips at 0 when its polynomial goes negative); EasyCache and the TeaCache
+calibration measure the block stack's input and output (the hook we have), not the model's
+latent in and out.
 
 Calibration (:class:`Calibrate`) computes every call and records, per branch and step, the
 residual magnitude ratio (MagCache's ``mag_ratios``) and the relative change of the
@@ -63,7 +70,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -281,6 +288,10 @@ class Policy:
     def after_compute(self, st: BranchState, ctx: Context, x_in: Tensor, out: Tensor, residual: Tensor) -> None:
         st.acc, st.ratio, st.count = 0.0, 1.0, 0
 
+    def cannot_reuse(self, st: BranchState) -> None:
+        """``decide`` allowed a reuse but nothing fit to reuse is stored (a first call, another
+        latent size): the call computes instead."""
+
     def inputs_held(self, row: int) -> int:
         """Input-token tensors (compute dtype, [1, L, dim]) a branch keeps beside its residual."""
         return 0
@@ -399,14 +410,28 @@ class MagCache(Policy):
             return cnt < int(s + (num - s) * self.retention)
         return cnt < int(s * self.retention) or s <= cnt <= (num - s) * self.retention + s
 
+    @property
+    def resets_on_model_change(self) -> bool:  # type: ignore[override]
+        # The reference keeps one state (call counter, accumulators, residuals) on the model
+        # class, which both A14B experts share; the plain rule has no second model to follow.
+        return self.rule == "plain"
+
     def decide(self, st: BranchState, ctx: Context) -> float | None:
         if self.protected(ctx.step, ctx.row, ctx.steps, ctx.split):
-            return None
+            return None  # computes; the accumulators are left as they are (the reference's)
         st.ratio *= self.ratios[ctx.step][ctx.row]
         st.count += 1
         st.acc += abs(1.0 - st.ratio)
-        ok = self.threshold > 0 and st.acc < self.threshold and st.count <= self.skip_limit
-        return st.acc if ok else None
+        if self.threshold > 0 and st.acc < self.threshold and st.count <= self.skip_limit:
+            return st.acc
+        self.cannot_reuse(st)  # computes: the reference restarts its accumulators here, and only here
+        return None
+
+    def after_compute(self, st: BranchState, ctx: Context, x_in: Tensor, out: Tensor, residual: Tensor) -> None:
+        pass  # a computed call inside a retention window leaves the accumulators untouched
+
+    def cannot_reuse(self, st: BranchState) -> None:
+        st.acc, st.ratio, st.count = 0.0, 1.0, 0
 
     def describe(self) -> str:
         rule = "" if self.rule == "plain" else f", {self.rule.replace('_', ' ')}"
@@ -513,6 +538,18 @@ def _traced(x: Tensor) -> bool:
     return isinstance(x, FakeTensor)
 
 
+def _rows_of(state: WanState, rows: list[int]) -> WanState:
+    """``state`` for some of its batch rows (every per-row tensor cut the same way). Consecutive
+    rows are a view with the batch's strides, so compiled blocks see the layout they know."""
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        cut = lambda t: None if t is None else t[rows[0]:rows[-1] + 1]  # noqa: E731
+    else:
+        index = torch.tensor(rows, device=state.x.device)
+        cut = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
+    return replace(state, x=cut(state.x), e=cut(state.e), e0=cut(state.e0), context=cut(state.context),
+                   context_img=cut(state.context_img))
+
+
 def _bytes(n: int) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size / 10:
@@ -587,34 +624,55 @@ class StepCache:
         ctxs = [Context(call.step, self.steps, 1 if b == "uncond" else 0, b, call.window, x[i:i + 1],
                         state.e[i:i + 1], state.e0[i:i + 1], self.split, self) for i, b in enumerate(call.branches)]
         estimates = [self.policy.decide(st, ctx) for st, ctx in zip(sts, ctxs)]
-        reusable = all(e is not None and st.residual is not None and st.residual.shape[1:] == x.shape[1:]
-                       for e, st in zip(estimates, sts))
-        if reusable:
-            for st in sts:  # a state carried from the previous pass arrives on the CPU
+        reuse = []
+        for e, st in zip(estimates, sts):
+            ok = e is not None and st.residual is not None and st.residual.shape[1:] == x.shape[1:]
+            if e is not None and not ok:
+                self.policy.cannot_reuse(st)
+            reuse.append(ok)
+        for st, ok in zip(sts, reuse):
+            if ok:  # a state carried from the previous pass arrives on the CPU
                 st.residual = self._place(st.residual, x)
-            adds = [st.residual.to(x.device) for st in sts]  # a copy when they live off the device
-            if rows == 1:
-                state.x = x + adds[0]
-            else:
-                out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, adds[0].dtype), device=x.device)
-                for i, add in enumerate(adds):
-                    torch.add(x[i:i + 1], add, out=out[i:i + 1])
-                state.x = out
-            self._calls.extend((call.step, b, call.window, False, e) for b, e in zip(call.branches, estimates))
-            return state
-
-        for st, ctx in zip(sts, ctxs):
-            if not self.policy.keeps_previous(ctx.row):
-                st.residual = None  # freed before the blocks' activations peak
-        state = run_blocks(state, call)
-        out = state.x
-        residual = out - x
-        for i, (st, ctx) in enumerate(zip(sts, ctxs)):
-            rows_of = slice(i, i + 1)
-            self.policy.after_compute(st, ctx, x[rows_of], out[rows_of], residual[rows_of])
-            st.residual = self._place(residual[rows_of], out)
-        self._calls.extend((call.step, b, call.window, True, None) for b in call.branches)
+        compute = [i for i in range(rows) if not reuse[i]]
+        for i in compute:
+            if not self.policy.keeps_previous(ctxs[i].row):
+                sts[i].residual = None  # freed before the blocks' activations peak
+        if not compute:
+            done = None
+        elif len(compute) == rows:
+            done = run_blocks(state, call).x
+        else:  # batched CFG where one branch may reuse: only the others run (as the reference's calls do)
+            part = replace(call, branches=tuple(call.branches[i] for i in compute))
+            done = run_blocks(_rows_of(state, compute), part).x
+        out = self._assemble(x, done, compute, [sts[i].residual if reuse[i] else None for i in range(rows)])
+        for j, i in enumerate(compute):
+            x_in, out_row = x[i:i + 1], done[j:j + 1]
+            residual = out_row - x_in
+            self.policy.after_compute(sts[i], ctxs[i], x_in, out_row, residual)
+            sts[i].residual = self._place(residual, out)
+        self._calls.extend((call.step, b, call.window, not reuse[i], None if not reuse[i] else estimates[i])
+                           for i, b in enumerate(call.branches))
+        state.x = out
         return state
+
+    @staticmethod
+    def _assemble(x: Tensor, done: Tensor | None, compute: list[int], residuals: list[Tensor | None]) -> Tensor:
+        """The block stack's output for every row: the computed rows from ``done`` (in
+        ``compute`` order), the others their input plus their stored residual."""
+        rows = x.shape[0]
+        if done is not None and len(compute) == rows:
+            return done
+        adds = [r.to(x.device) if r is not None else None for r in residuals]  # a copy when they live off the device
+        if done is None and rows == 1:
+            return x + adds[0]
+        like = done if done is not None else next(a for a in adds if a is not None)
+        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, like.dtype), device=x.device)
+        for i in range(rows):
+            if i in compute:
+                out[i:i + 1].copy_(done[compute.index(i):compute.index(i) + 1])
+            else:
+                torch.add(x[i:i + 1], adds[i], out=out[i:i + 1])
+        return out
 
     def _trace(self, run_blocks: RunBlocks, state: WanState, call: DiTCall) -> WanState:
         """A computed call's memory, without decisions: blocks run, the residual and the inputs

@@ -58,6 +58,7 @@ class Telemetry:
         self._steps: list[float] = []
         self._skipped = 0
         self._step_cache: dict | None = None
+        self._speed: dict[str, dict] = {}
         self._swaps: list[tuple[SwapSource, int, float]] = []  # source, h2d bytes and wait at watch()
         self._t0 = self._mark = self._t1 = None
         # A recorder dropped without stop() must not leave its thread polling forever.
@@ -134,6 +135,13 @@ class Telemetry:
         with self._lock:
             self._step_cache = dict(report)
 
+    def record_speed(self, name: str, report: dict[str, Any]) -> None:
+        """A speed technique's pass report (``sparse_attention``, ``compiled_blocks``); a second
+        pass's adds up: numbers and call counts are summed, grids listed once, a fallback kept."""
+        with self._lock:
+            old = self._speed.get(name)
+            self._speed[name] = _merge(old, dict(report)) if old is not None else dict(report)
+
     def watch(self, source: SwapSource) -> None:
         """Report what ``source`` (a BlockSwapper) moves from now on: bytes copied host to
         device and seconds compute waited for them. Several sources (two experts) add up."""
@@ -167,6 +175,7 @@ class Telemetry:
                 "host_rss_anon_start": s.baseline_anon,
                 "h2d_bytes": sum(st.h2d_bytes - h2d for st, h2d, _ in swaps),
                 "transfer_wait_s": sum(st.wait_s - wait for st, _, wait in swaps),
+                **{k: dict(v) for k, v in self._speed.items()},
             }
 
     def format(self) -> str:
@@ -186,7 +195,34 @@ class Telemetry:
         if s["step_cache"] is not None:
             c = s["step_cache"]
             parts.append(f"{c['settings']}: {c['steps_computed']} steps computed, {c['steps_skipped']} skipped")
+        if "sparse_attention" in s:
+            a = s["sparse_attention"]
+            kept = ", ".join(f"{100 * g['keep_fraction']:.1f} % computed at {g['tokens']:,} tokens" for g in a["grids"])
+            parts.append(f"{a['settings']} ({a['calls']['sparse']} calls sparse, {a['calls']['dense']} dense"
+                         + (f"; {kept})" if kept else ")"))
+        if "compiled_blocks" in s:
+            c = s["compiled_blocks"]
+            state = f"fell back to eager: {c['fallback']}" if c["fallback"] else (
+                f"warm-up {c['warmup_s']:.1f} s, {c['graphs_compiled']} graph(s) compiled")
+            parts.append(f"{c['settings']}: {state}")
         if self._swaps:
             parts.append(f"block swap moved {_gb(s['h2d_bytes'])} to the device, compute waited "
                          f"{s['transfer_wait_s']:.1f} s")
         return "WanFit: " + ("; ".join(parts) or "nothing recorded") + "."
+
+
+def _merge(old: dict, new: dict) -> dict:
+    out = dict(old)
+    for key, value in new.items():
+        before = out.get(key)
+        if isinstance(value, bool) or before is None:
+            out[key] = value if before is None or key != "fallback" else before
+        elif isinstance(value, (int, float)):
+            out[key] = before + value
+        elif isinstance(value, dict):
+            out[key] = {k: before.get(k, 0) + v for k, v in value.items()}
+        elif isinstance(value, list):
+            out[key] = before + [v for v in value if v not in before]
+        else:
+            out[key] = before if key == "fallback" and before else value
+    return out

@@ -31,7 +31,7 @@ def one_thread():
 def _state(x: torch.Tensor, e: torch.Tensor | None = None) -> WanState:
     b = x.shape[0]
     e = torch.ones(b, 1, DIM) if e is None else e
-    return WanState(x, e, e.unsqueeze(2).expand(b, 1, 6, DIM).clone(), torch.zeros(1), torch.zeros(1), None, (1, 1, 1))
+    return WanState(x, e, e.unsqueeze(2).expand(b, 1, 6, DIM).clone(), torch.zeros(1), torch.zeros(b, 1), None, (1, 1, 1))
 
 
 def _drive(cache: StepCache, steps, inputs, blocks, branches=("cond",), batched=True, window=None, model="m",
@@ -111,14 +111,28 @@ def test_magcache_pattern_per_branch_sequential_cfg():
     assert cache.report()["skipped_steps"] == [2, 6, 8]  # steps where neither branch ran the blocks
 
 
-def test_magcache_batched_rows_compute_together():
+def test_magcache_batched_rows_decide_as_separate_calls():
+    """Batched CFG decides as the reference's separate cond and uncond calls: a row that may
+    reuse does, and only the rows that must compute run the blocks (a batch of one)."""
+    seen = []
+    blocks = _plus({"cond": 1.0, "uncond": 100.0})
+
+    def recording(state, call):
+        seen.append((call.step, call.branches, state.x.shape[0], state.context.shape[0]))
+        return blocks(state, call)
+
     cache = StepCache(_mag(0.99, 0.96), 10)
-    _drive(cache, range(10), lambda s: torch.ones(1, 4, DIM), _plus({"cond": 1.0, "uncond": 100.0}),
-           branches=("cond", "uncond"), batched=True)
-    # The batch computes when a row must; cond then restarts too: 2 both reuse; 3 uncond
-    # computes (cond wanted 0.0299); 4 both reuse (cond 0.01, uncond 0.04); 5 uncond computes; ...
-    assert _skipped(cache, "cond") == _skipped(cache, "uncond") == [2, 4, 6, 8]
-    assert cache.report()["steps_skipped"] == 4
+    outs = _drive(cache, range(10), lambda s: torch.ones(1, 4, DIM), recording, branches=("cond", "uncond"),
+                  batched=True)
+    assert _skipped(cache, "cond") == [2, 3, 5, 6, 8, 9]  # as in the sequential test above
+    assert _skipped(cache, "uncond") == [2, 4, 6, 8]
+    assert cache.report()["skipped_steps"] == [2, 6, 8]
+    assert [(s, b) for s, b, _, _ in seen] == [(0, ("cond", "uncond")), (1, ("cond", "uncond")), (3, ("uncond",)),
+                                               (4, ("cond",)), (5, ("uncond",)), (7, ("cond", "uncond")),
+                                               (9, ("uncond",))]
+    assert all(rows == ctx == len(b) for _, b, rows, ctx in seen)  # every per-row input cut alike
+    for out in outs:  # computed or reused, each row carries its own branch's residual
+        assert torch.all(out[0] == 2.0) and torch.all(out[1] == 101.0)
 
 
 def test_magcache_retention_counts_calls_interleaved():
@@ -479,10 +493,11 @@ def test_the_job_line_says_what_happened():
     _drive(cache, range(10), lambda s: torch.ones(1, 4, DIM), _plus({"cond": 1.0, "uncond": 100.0}),
            branches=("cond", "uncond"), batched=True)
     line = cache.line()
-    assert "6 of 10 steps computed, 4 skipped (steps 2, 4, 6, 8)" in line
+    assert "7 of 10 steps computed, 3 skipped (steps 2, 6, 8)" in line
+    assert "one branch reused its residual at steps 3, 4, 5, 9" in line
     assert "accumulated error estimate" in line and "residuals held on the compute device" in line
     report = cache.report()
-    assert report["error_estimate"] == pytest.approx(4 * (0.01 + 0.04))
+    assert report["error_estimate"] == pytest.approx(3 * (0.01 + 0.0299) + 4 * 0.04)
 
 
 def test_telemetry_carries_the_report():
@@ -495,9 +510,9 @@ def test_telemetry_carries_the_report():
         tel.skip_step()  # the plain counter, replaced by the cache's report
         tel.record_step_cache(cache.report())
     s = tel.summary()
-    assert (s["steps_skipped"], s["steps_computed"]) == (4, 6)
-    assert s["step_cache"]["skipped_steps"] == [2, 4, 6, 8]
-    assert "MagCache (threshold 0.05, K 2, retention 0.2, ratios custom): 6 steps computed, 4 skipped" in tel.format()
+    assert (s["steps_skipped"], s["steps_computed"]) == (3, 7)
+    assert s["step_cache"]["skipped_steps"] == [2, 6, 8]
+    assert "MagCache (threshold 0.05, K 2, retention 0.2, ratios custom): 7 steps computed, 3 skipped" in tel.format()
 
 
 def test_residuals_stored_off_the_compute_device_come_back_for_the_add(monkeypatch):

@@ -67,6 +67,8 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     "auto" picks the best installed kernel for CUDA fp16/bf16 inputs and SDPA otherwise
     (CPU, float32). An unknown or uninstalled backend raises ValueError naming it.
     """
+    if backend == "sdpa":  # always there (and no import probe inside a compiled block)
+        return backend
     if backend == "auto":
         if q.is_cuda and q.dtype in _HALF:
             return available_backends()[0]

@@ -111,6 +111,10 @@ def rope_apply(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = freqs.unbind(-1)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace ``out=`` into strided lanes (a graph break per call); compiled,
+        # the stacked form is one fused kernel with no temporaries. The same products and sums.
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     even, odd = out.unflatten(-1, (-1, 2)).unbind(-1)
     product = torch.empty(x0.shape, dtype=torch.float32, device=x.device)
