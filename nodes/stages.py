@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from ..optim import loading, lora, planner, tiling
+from ..optim import loading, lora, tiling
 from ..optim.engine import PreparedDiT, SwapSettings, prepare_dit
 from ..optim.tiling import Tiling, TilingOptions
 from . import comfy

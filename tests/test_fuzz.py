@@ -28,6 +28,8 @@ def shrink(prompt: dict) -> dict:
             node["inputs"]["frames"] = 5
         if node["class_type"] == "WanFitMultiGPU":
             node["inputs"]["devices"] = "cpu"  # no GPU here (the split itself: tests/test_multigpu_e2e.py)
+        if node["class_type"] == "WanFitCompile":
+            node["inputs"]["compile_backend"] = "eager"  # Inductor builds for minutes on a CPU
     return prompt
 
 

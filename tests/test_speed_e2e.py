@@ -32,7 +32,7 @@ def test_sparse_attention_and_compiled_blocks_over_http(wan_models, comfy_server
         prompt[key]["inputs"]["model"] = [compile_id, 0]
     entry = comfy_server.client().run(prompt, timeout=300)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
-    assert entry["outputs"][node_of(prompt, "SaveAnimatedWEBP")]["images"]
+    assert entry["outputs"][node_of(prompt, "WanFitSaveVideo")]["images"]
     log = comfy_server.log()
     # the node says what is kept for the video's grid: 5 latent frames of 4 x 4 tokens
     assert re.search(r"sparse attention radial \(decay 0\.2, sink on frame 0\), dense in the first 1 step and "

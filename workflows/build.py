@@ -33,6 +33,8 @@ OUTPUTS = {
     "WanFitModelLoader": [("WANFIT_MODEL", "WANFIT_MODEL")],
     "WanFitLoRA": [("WANFIT_MODEL", "WANFIT_MODEL")],
     "WanFitMultiGPU": [("WANFIT_MODEL", "WANFIT_MODEL")],
+    "WanFitSparseAttention": [("model", "WANFIT_MODEL"), ("kept", "STRING")],
+    "WanFitCompile": [("model", "WANFIT_MODEL")],
     "WanFitVAELoader": [("WANFIT_VAE", "WANFIT_VAE")],
     "WanFitTextEncoderLoader": [("WANFIT_TEXT_ENCODER", "WANFIT_TEXT_ENCODER")],
     "WanFitCLIPVisionLoader": [("WANFIT_CLIP_VISION", "WANFIT_CLIP_VISION")],
@@ -50,6 +52,8 @@ OUTPUTS = {
 INPUTS = {
     "WanFitLoRA": [("model", "WANFIT_MODEL")],
     "WanFitMultiGPU": [("model", "WANFIT_MODEL")],
+    "WanFitSparseAttention": [("model", "WANFIT_MODEL"), ("image_embeds", "WANFIT_IMAGE_EMBEDS")],
+    "WanFitCompile": [("model", "WANFIT_MODEL")],
     "WanFitTextEncode": [("text_encoder", "WANFIT_TEXT_ENCODER")],
     "WanFitImageToVideoEncode": [("vae", "WANFIT_VAE"), ("start_image", "IMAGE"), ("end_image", "IMAGE"),
                                  ("clip_vision", "WANFIT_CLIP_VISION"), ("tiling", "WANFIT_VAE_TILING")],
@@ -226,7 +230,7 @@ START_IMAGE = "example.png"  # ComfyUI ships it in input/, so a fresh install ru
 
 
 def wan22_i2v_a14b(frames: int, lora: bool = True, experts: str = EXPERTS, windows: bool = False,
-                   size: tuple[int, int] = (832, 480), gpus: bool = False) -> list[Node]:
+                   size: tuple[int, int] = (832, 480), gpus: bool = False, speed: bool = False) -> list[Node]:
     """Wan 2.2 I2V-A14B, two chained samplers. With ``lora``: the lightx2v 4-step LoRAs (one per
     expert), 4 steps at cfg 1 (no negative pass), switch at 2, euler on ComfyUI's simple
     schedule, as the official ComfyUI template's "4steps LoRA" path. Without: 20 steps,
@@ -234,7 +238,8 @@ def wan22_i2v_a14b(frames: int, lora: bool = True, experts: str = EXPERTS, windo
     81-frame context windows (30 frames of overlap, static, pyramid fusion, every window's
     first frame anchored on the start image). ``size``: the video's width and height.
     ``gpus``: each expert through a WanFit Multi-GPU node on every GPU (auto: with cfg 1 they
-    split the tokens)."""
+    split the tokens). ``speed``: each expert through WanFit Sparse Attention (radial, decay 0.8
+    as the authors' Wan 2.2 script, the first step and block dense) and WanFit Compile."""
     nodes = [
         _model(1, experts.format("high"), title="High-noise expert"),
         _model(2, experts.format("low"), title="Low-noise expert"),
@@ -257,6 +262,15 @@ def wan22_i2v_a14b(frames: int, lora: bool = True, experts: str = EXPERTS, windo
                   Node(16, "WanFitMultiGPU", {"devices": "all", "mode": "auto"}, {"model": (low, 0)}, column=1,
                        title="Multi-GPU (low noise)")]
         high, low = 15, 16
+    if speed:
+        for sparse, compiled, model, which in ((17, 19, high, "high"), (18, 20, low, "low")):
+            nodes += [Node(sparse, "WanFitSparseAttention", {
+                "pattern": "radial", "decay": 0.8, "attention_sink": True, "window_frames": 2, "window_rows": 8,
+                "window_columns": 8, "dense_steps": 1, "dense_blocks": 1, "granularity": "token"},
+                {"model": (model, 0), "image_embeds": (7, 0)}, column=1, title=f"Sparse attention ({which} noise)"),
+                Node(compiled, "WanFitCompile", {"compile_backend": "inductor", "compile_mode": "default"},
+                     {"model": (sparse, 0)}, column=1, title=f"Compiled blocks ({which} noise)")]
+        high, low = 19, 20
     win = None
     if windows:
         win = 14
@@ -272,7 +286,7 @@ def wan22_i2v_a14b(frames: int, lora: bool = True, experts: str = EXPERTS, windo
                      schedule="simple", latent=8, title="Sampler (low noise, steps 2-4)", windows=win),
         ]
         prefix = f"wanfit_i2v_a14b_{frames}f" + ("_gguf" if experts == GGUF_EXPERTS else "") + (
-            f"_{size[1]}p_multigpu" if gpus else "")
+            f"_{size[1]}p_multigpu" if gpus else "") + ("_sparse" if speed else "")
     else:
         nodes += [
             _sampler(8, high, 0, 10, True, True, title="Sampler (high noise, steps 0-10)"),
@@ -331,6 +345,7 @@ GRAPHS = {
     "wan21_t2v_1.3b_low_ram": wan21_t2v_13b_low_ram,
     "wan22_ti2v_5b_121f": wan22_ti2v_5b,
     "wan22_i2v_a14b_720p_2gpu": lambda: wan22_i2v_a14b(81, size=(1280, 720), gpus=True),
+    "wan22_i2v_a14b_161f_32gb_sparse": lambda: wan22_i2v_a14b(161, windows=True, speed=True),
 }
 
 
@@ -373,6 +388,11 @@ TEMPLATES = {  # most useful first
         10, "Wan 2.2 14B image to video, 720p, 81 frames, 4 steps (2 GPUs)",
         "two (or more) GPUs of 24 GB: each expert split over every GPU, the video's tokens shared out "
         "(planned 18.0 GiB a GPU with 2; the device count must divide 40, the experts' attention heads)"),
+    "wan22_i2v_a14b_161f_32gb_sparse": Template(
+        11, "Wan 2.2 14B image to video, 161 frames, sparse attention and compiled blocks (32 GB)",
+        "a 32 GB card, as the 161-frame graph; radial sparse attention computes about half of each window's "
+        "attention (the node says how much) and the blocks are compiled: faster on a GPU by the papers, "
+        "not yet measured here"),
 }
 
 
