@@ -101,6 +101,28 @@ def suite_table(report: dict, path: str) -> str | None:
     return _md(["bench", "status", "seconds", "processes", "figures"], rows) + "\n\n" + _source(report, path, command)
 
 
+def multi_gpu_table(report: dict, path: str) -> str | None:
+    """Per-GPU plans for A14B on 1 to 8 cards (exact: meta tensors), and the CPU split's speed."""
+    b = _bench(report, "multi_gpu")
+    if b is None:
+        return None
+    raw = b["raw"]
+    rows = [[p["size"], f"{p['gpus']} x {p['card_gib']} GB", f"{p['cfg']:g}", p["mesh"], f"{p['activations_gib']:.1f}",
+             f"{p['peak_vram_gib']:.1f}", f"{p['resident']} / {p['swapped']}"] for p in raw["plans"]]
+    text = _md(["81 frames", "cards", "cfg", "split", "activations GiB a GPU", "peak VRAM GiB a GPU",
+                "blocks resident / swapped"], rows)
+    for device in ("cpu", "cuda"):
+        r = raw.get(device) or {}
+        if "one_process_s" in r:
+            text += (f"\n\n{device.upper()}, {r['ranks']} ranks x {r['threads_per_rank']} thread against 1 process x 1 "
+                     f"thread, dim {r['dim']}, {r['layers']} blocks, {r['tokens']} tokens, batch 2: one process "
+                     f"{r['one_process_s']['median']:.3f} s a call; " + "; ".join(
+                         f"{split} {r[split]['seconds']['median']:.3f} s (speedup {r[split]['speedup']:.2f}x, "
+                         f"{r[split]['bytes_sent_per_call'] / 2**20:.1f} MiB sent a rank)"
+                         for split in ("cfg-parallel", "ulysses")) + ".")
+    return text + "\n\n" + _source(report, path, b["command"])
+
+
 def _gpu(name: str, build: Callable[[dict], str]) -> Callable[[dict, str], str | None]:
     def table(report: dict, path: str) -> str | None:
         if not report.get("size", "").startswith("gpu-check") or report.get("tiny"):
@@ -171,6 +193,7 @@ def _step_time(r: dict) -> str:
 TABLES: dict[str, Callable[[dict, str], str | None]] = {
     "memory_plan": memory_plan_table,
     "suite": suite_table,
+    "multi_gpu": multi_gpu_table,
     "gpu_fp8": _gpu("fp8", _fp8),
     "gpu_block_swap": _gpu("block_swap", _swap),
     "gpu_planner": _gpu("planner", _planner),
