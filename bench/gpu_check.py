@@ -437,14 +437,17 @@ def parts() -> list[Part]:
         # ---- parts other work adds: they run when their bench exists (detected, not assumed). ----
         # Their command lines are what those benches are expected to take (--device cuda|cpu,
         # --tiny for the CPU dry run, --compiled); whoever lands a bench adjusts its line here.
-        Part("sparse_attention", "sparse vs dense attention (bench/attention.py)", 60, 120,
-             lambda c: c.script("attention.py", "--device", c.device, *(["--tiny"] if c.tiny else [])),
+        Part("sparse_attention", "sparse vs dense attention at 8k / 16k / 32k tokens and a DiT forward "
+             "(bench/attention.py)", 60, 120,
+             lambda c: c.script("attention.py", "--device", c.device, "--no-compile",
+                                *(["--quick", "--quick-tokens", "512"] if c.tiny else [])),
              available=_exists("attention.py"), optional=True),
-        Part("compiled_blocks", "compiled vs eager blocks (bench/attention.py --compiled)", 60, 150,
-             lambda c: c.script("attention.py", "--compiled", "--device", c.device, *(["--tiny"] if c.tiny else [])),
+        Part("compiled_blocks", "compiled vs eager blocks (bench/attention.py)", 60, 150,
+             lambda c: c.script("attention.py", "--device", c.device, "--no-attention", "--no-dit",
+                                *(["--repeats", "1"] if c.tiny else [])),
              available=_exists("attention.py"), optional=True),
         Part("multi_gpu", "s/step on 1 and 2 GPUs (bench/multi_gpu.py)", 90, 180,
-             lambda c: c.script("multi_gpu.py", "--device", c.device), available=_two_gpus, optional=True),
+             lambda c: c.script("multi_gpu.py", "--device", "cuda"), available=_two_gpus, optional=True),
         # last: the rest of the budget
         Part("step_time", "A14B expert s/step: resident fp8, and 12 GiB cap (15 resident, CFG sequential)", 120, 240,
              lambda c: c.script("step_time.py", "--cases", "ad", "--repeats", "1",

@@ -135,6 +135,22 @@ def vae_tiling_figures(raw: dict) -> FigureRows:
     return rows
 
 
+def attention_figures(raw: dict) -> FigureRows:
+    """Per row (tokens, pattern, attention alone or a DiT forward, or compiled blocks): the times,
+    the speedup and the share of attention kept."""
+    rows: FigureRows = []
+    for r in raw["rows"]:
+        label = "/".join(str(r[k]) for k in ("row", "tokens", "pattern") if k in r)
+        for key, value in r.items():
+            if key.endswith("_s") and isinstance(value, (int, float)):
+                rows.append((f"{label}/{key}", value, "s", LOWER))
+        if isinstance(r.get("speedup"), (int, float)):
+            rows.append((f"{label}/speedup", r["speedup"], "x", HIGHER, True))
+        if isinstance(r.get("keep_fraction"), (int, float)):
+            rows.append((f"{label}/keep_fraction", r["keep_fraction"], "of pairs", INFO))
+    return rows
+
+
 def multi_gpu_figures(raw: dict) -> FigureRows:
     """Per split: the speedup over one process and the bytes a rank sends per call (CPU, and
     CUDA when measured); per planned case, each GPU's peak and resident blocks."""
@@ -198,7 +214,8 @@ BENCHES: list[Bench] = [
           figures=(lower("cases/*/s_per_step", "s"), lower("cases/*/vram_peak_allocated_gib", "GiB"),
                    lower("cases/*/wait_s_per_step", "s"), info("cases/*/h2d_gb_per_step", "GB"))),
     # ---- benches being added by other work: register each with ONE line here ----
-    # Bench("attention", "attention.py", quick=(...), full=(...), figures=(...)),   # issue 16
+    Bench("attention", "attention.py", quick=("--quick", "--threads", "1"), full=(), repeats=1,
+          figures=attention_figures, note="sparse vs dense in one process; flex needs a compile per pattern"),
     Bench("multi_gpu", "multi_gpu.py", quick=("--quick",), full=(), repeats=1, figures=multi_gpu_figures,
           note="2 CPU ranks x 1 thread against 1 process; per-GPU plans exact (meta tensors)"),
     # A bench that prints {"figures": {...}} (module docstring) needs no figures= here.

@@ -94,8 +94,13 @@ class WanFitMultiGPU:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("WANFIT_MODEL",),
-            "devices": ("STRING", {"default": "all"}),
-            "mode": (list(MODES), {"default": "auto"}),
+            "devices": ("STRING", {"default": "all", "tooltip": (
+                "all (every GPU), a list such as cuda:0,cuda:1 (the first is ComfyUI's own), cpu*2 (CPU "
+                "processes), and remote or remote*N for workers started by hand on another machine")}),
+            "mode": (list(MODES), {"default": "auto", "tooltip": (
+                "cfg: cond and uncond on two devices (cfg above 1); sequence: the video's tokens split over "
+                "every device (their count must divide the model's heads); both: two halves, each splitting "
+                "the tokens; auto: both where it can")}),
         }}
 
     @classmethod
