@@ -90,6 +90,10 @@ def suite_table(report: dict, path: str) -> str | None:
     """Which benches a run of the suite ran, how long each took, how many figures it gave."""
     if not report.get("size", "").startswith(("quick", "full")):
         return None
+    from suite import BENCHES  # bench/suite.py: a run of part of the suite (--only, --skip) says nothing of the whole
+
+    if set(report["benches"]) != {b.name for b in BENCHES}:
+        return None
     rows = []
     for name, b in report["benches"].items():
         runs = len(b.get("runs", []))
