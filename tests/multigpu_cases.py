@@ -23,7 +23,7 @@ from pack import register  # noqa: E402
 
 register()
 import factory  # noqa: E402
-from wanfit.nodes import cache, comfy, encode, load, lora, multigpu, sample  # noqa: E402
+from wanfit.nodes import cache, comfy, encode, load, lora, multigpu, sample, speed  # noqa: E402
 from wanfit.nodes.context import WanFitContextWindows  # noqa: E402
 from wanfit.optim.pool import Pool, free_port  # noqa: E402
 
@@ -112,6 +112,17 @@ def case_windows() -> dict:
                    two_pass(*experts("cpu*2"), text, embeds, windows=windows))
 
 
+def case_sparse(text, embeds) -> dict:
+    """Sparse attention (a window of frames, rows and columns) as Ulysses' inner op: each rank masks
+    its heads over the whole video's grid."""
+    def sparse(models):
+        return [speed.WanFitSparseAttention().apply(m, "window", 1.0, False, 1, 2, 2, 0, 0, "token")[0] for m in models]
+    one = two_pass(*sparse(experts(None)), text, embeds)
+    dense = two_pass(*experts(None), text, embeds)
+    return compare("sparse attention (Ulysses)", one, two_pass(*sparse(experts("cpu*2")), text, embeds),
+                   sparse_differs=bool((one["samples"] - dense["samples"]).abs().max() > 1e-3))
+
+
 def case_separate_worker(text, embeds) -> dict:
     """A remote rank: its worker started as its own command with the line rank 0 logs (what runs
     on another machine), joining 127.0.0.1 at the port set for it."""
@@ -137,7 +148,8 @@ def main() -> int:
     text, embeds = inputs()
     try:
         for run in (lambda: case_lora(text, embeds), lambda: case_cfg(text, embeds),
-                    lambda: case_step_cache(text, embeds), case_windows, lambda: case_separate_worker(text, embeds)):
+                    lambda: case_step_cache(text, embeds), case_windows, lambda: case_sparse(text, embeds),
+                    lambda: case_separate_worker(text, embeds)):
             t = time.perf_counter()
             print(json.dumps({**run(), "seconds": round(time.perf_counter() - t, 2)}), flush=True)
     finally:

@@ -14,7 +14,7 @@ from e2e import WORKFLOWS, api_workflow, error_text, node_of, small, upload_imag
 pytestmark = pytest.mark.e2e
 
 SEED = int(os.environ.get("WANFIT_FUZZ_SEED", "1"))
-SECONDS = float(os.environ.get("WANFIT_FUZZ_SECONDS", "40"))
+SECONDS = float(os.environ.get("WANFIT_FUZZ_SECONDS", "25"))
 
 
 def small_workflows() -> dict[str, dict]:

@@ -32,10 +32,12 @@ def results(tmp_path_factory) -> dict[str, dict]:
 
 @pytest.mark.parametrize("case", [
     "two-pass 4-step LoRA job, cfg 1 (Ulysses)", "CFG-parallel, cfg 3.5", "EasyCache, cfg 3.5 (CFG-parallel)",
-    "context windows (Ulysses)", "worker started as a separate command"])
+    "context windows (Ulysses)", "sparse attention (Ulysses)", "worker started as a separate command"])
 def test_two_ranks_equal_one_process_bit_for_bit(results, case):
     row = results[case]
     assert row["equal"], row
     assert row["plan_names_rank_1"], row  # the worker planned its own share and the plan says so
+    if "sparse_differs" in row:
+        assert row["sparse_differs"], row  # the sparse mask was on (on both sides)
     if "skipped" in row:
         assert row["skipped"][0] == row["skipped"][1] > 0, row  # the same steps skipped, some at all
