@@ -34,6 +34,30 @@ def comfy_server(tmp_path_factory, comfy_models_dir):
 _SERVERS: list[ComfyServer] = []
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: thread start-up costs more than it gives,
+    and two spinning OpenMP threads on a loaded 2-core machine make each op many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """flex_attention without compiling (the same results, no C++ build), its ops made afresh."""
+    from torch.nn.attention import flex_attention as fa
+
+    from wanfit.optim import sparse
+
+    monkeypatch.setitem(sparse._FLEX, "flex", fa.flex_attention)
+    monkeypatch.setattr(sparse, "_OPS", type(sparse._OPS)())
+    monkeypatch.setattr(fa, "_warn_once", lambda *a, **k: None)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

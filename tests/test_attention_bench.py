@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("eager_flex", "one_thread")
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "attention.py"
 
 
@@ -18,21 +20,6 @@ def bench():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def eager_flex(monkeypatch):
-    from torch.nn.attention import flex_attention as fa
-
-    from wanfit.optim import sparse
-
-    monkeypatch.setitem(sparse._FLEX, "flex", fa.flex_attention)
-    monkeypatch.setattr(sparse, "_OPS", type(sparse._OPS)())
-    monkeypatch.setattr(fa, "_warn_once", lambda *a, **k: None)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_quick_run_prints_json_rows(bench, capsys):

@@ -14,7 +14,7 @@ import torch
 
 import factory
 from wanfit.optim import compile as compiled_blocks
-from wanfit.optim import lora, sparse
+from wanfit.optim import lora
 from wanfit.optim.compile import CompiledRun, CompileSettings, graphs_compiled
 from wanfit.optim.engine import SwapSettings, prepare_dit
 from wanfit.optim.offload import RecordingBackend
@@ -24,6 +24,8 @@ from wanfit.wan.checkpoint import open_checkpoint
 from wanfit.wan.denoise import Conditioning, make_denoiser
 from wanfit.wan.sampling import sample, seeded_noise
 from wanfit.wan.schedulers import flow_sigmas
+
+pytestmark = pytest.mark.usefixtures("eager_flex")
 
 AOT = CompileSettings("aot_eager")
 HIGH, LOW = "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"
@@ -47,15 +49,6 @@ def experts(tmp_path_factory):
         compiled_blocks.detach(p.model)
         p.close()
     torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def eager_flex(monkeypatch):
-    from torch.nn.attention import flex_attention as fa
-
-    monkeypatch.setitem(sparse._FLEX, "flex", fa.flex_attention)
-    monkeypatch.setattr(sparse, "_OPS", type(sparse._OPS)())
-    monkeypatch.setattr(fa, "_warn_once", lambda *a, **k: None)
 
 
 SHAPE = (1, 16, 3, 4, 4)

@@ -17,18 +17,10 @@ from wanfit.optim.hostmem import allocation_peak
 from wanfit.wan.denoise import Conditioning, fuse_windows, make_denoiser
 from wanfit.wan.model import WanConfig, WanModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # (latent frames, window length, overlap): short and long videos, odd and even windows
 CASES = [(f, n, o) for f in (2, 5, 8, 13, 21, 41) for n in (2, 3, 4, 6, 21) for o in range(0, n, max(1, n // 3))]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These DiT calls are tiny: one thread runs them fastest, and on a loaded machine two
-    spinning OpenMP threads make each op ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _valid(windows: ContextWindows, frames: int, steps=(0,)) -> bool:

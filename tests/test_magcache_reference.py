@@ -32,13 +32,7 @@ from wanfit.wan.model import WanConfig, WanModel
 from wanfit.wan.sampling import sample, seeded_noise
 from wanfit.wan.schedulers import boundary_step, flow_sigmas
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ReferenceMagCache:

@@ -24,19 +24,7 @@ from wanfit.wan.checkpoint import open_checkpoint
 from wanfit.wan.denoise import Conditioning, make_denoiser
 from wanfit.wan.model import WanConfig, WanModel
 
-
-@pytest.fixture(autouse=True)
-def eager_flex(monkeypatch):
-    """flex_attention without compiling (same results, no C++ build); ops made afresh."""
-    from torch.nn.attention import flex_attention as fa
-
-    monkeypatch.setitem(sparse._FLEX, "flex", fa.flex_attention)
-    monkeypatch.setattr(sparse, "_OPS", type(sparse._OPS)())
-    monkeypatch.setattr(fa, "_warn_once", lambda *a, **k: None)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("eager_flex", "one_thread")
 
 
 def _expand(frame_pairs: list[str], per_frame: dict[str, list[str]]) -> torch.Tensor:

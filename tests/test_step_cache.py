@@ -16,16 +16,9 @@ from wanfit.wan.model import WanConfig, WanModel, WanState
 from wanfit.wan.sampling import sample, seeded_noise
 from wanfit.wan.schedulers import flow_sigmas
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DIM = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: thread start-up costs more than it gives on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _state(x: torch.Tensor, e: torch.Tensor | None = None) -> WanState:

@@ -13,6 +13,8 @@ import torch
 import factory
 from wanfit.nodes import cache, comfy, encode, load, sample, stages
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAMES = ["wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors",
          "wan2.1_t2v_1.3B_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan_2.1_vae.safetensors"]
 HIGH, LOW, T2V = NAMES[:3]
@@ -43,15 +45,6 @@ def no_comfy(monkeypatch, models, tmp_path):
     monkeypatch.setattr(comfy, "user_directory", lambda: str(tmp_path / "user"))
     yield tmp_path / "user"
     stages.release_model()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only add overhead on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(name):
