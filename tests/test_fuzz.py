@@ -14,7 +14,7 @@ from e2e import WORKFLOWS, api_workflow, error_text, node_of, small, upload_imag
 pytestmark = pytest.mark.e2e
 
 SEED = int(os.environ.get("WANFIT_FUZZ_SEED", "1"))
-SECONDS = float(os.environ.get("WANFIT_FUZZ_SECONDS", "25"))
+SECONDS = float(os.environ.get("WANFIT_FUZZ_SECONDS", "15"))
 
 
 def small_workflows() -> dict[str, dict]:
@@ -43,7 +43,7 @@ def test_fuzz_of_prompt(wan_models, comfy_server, tmp_path):
     report = fuzz.summary(verdicts)
     print(json.dumps(report, indent=1)[:4000])
     fuzz.save_failures(verdicts, tmp_path / "failures")
-    assert report["cases"] >= 20, report  # a minute's worth: the fuzz really ran
+    assert report["cases"] >= 20, report  # the fuzz really ran (about 100 cases in its 15 s here)
     assert report["problems"] == 0, json.dumps(report["examples"], indent=1)[:6000]
     good = prompts["wan21_t2v_1.3b_low_ram"]
     good[node_of(good, "WanFitSampler")]["inputs"]["seed"] = 987654
