@@ -23,7 +23,10 @@ CHOICES_SHOWN = 8
 
 def show(value) -> str:
     """A value as a message shows it: short, one line, ASCII (any console prints it), whatever
-    a client sent."""
+    a client sent; an object that came over a link by its type only (its repr could hold the
+    server's paths)."""
+    if value is not None and not isinstance(value, (bool, int, float, str, list, tuple, dict)):
+        return f"(a {type(value).__name__})"
     text = ascii(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -155,6 +155,7 @@ RUN_TIME = {  # case -> (graph, words the message must hold)
     "scheduler unknown": (_set_first(scheduler="heun"), ("scheduler", "euler")),
     "add_noise a string": (_set_first(add_noise="no"), ("add_noise",)),
     "a link into an input the node does not have": (_set_first(bogus=["6", 0]), ("bogus", "not an input")),
+    "a widget linked to a loader": (_set_first(steps=["4", 0]), ("steps",)),  # its object, never its repr
 }
 
 

@@ -57,6 +57,8 @@ def test_floats_booleans_strings_and_choices():
     with pytest.raises(ValueError) as err:
         inputs.convert("dtype", (["bf16"],), long)
     assert len(str(err.value)) < 200  # a huge value is not echoed whole
+    with pytest.raises(ValueError, match=r"^WanFit - steps \(a TilingOptions\): an integer is needed$"):
+        inputs.convert("steps", STEPS, TilingOptions())  # an object over a link: its type, never its repr
 
 
 def test_linked_objects_must_be_what_their_socket_promises(tmp_path):
