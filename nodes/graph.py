@@ -100,23 +100,25 @@ def node_problem(prompt: dict, node_id: str, node: dict, kind: str):
     plain value where a link belongs, the node's own check and the graph checks of its class.
     Where ComfyUI's own check refuses a literal value (range, choices, type), the node's own
     checks are left out: the user reads one message per mistake."""
-    cls = NODES[kind]
+    spec = inputs.declared(NODES[kind])
     literals = {name: value for name, value in (node.get("inputs") or {}).items() if not isinstance(value, list)}
-    if any(inputs.literal_problem(cls, name, value) for name, value in literals.items()):
+    if any(inputs.literal_problem(spec.get(name), name, value) for name, value in literals.items()):
         return non_finite(node, float_inputs(kind))
-    return (non_finite(node, float_inputs(kind)) or unchecked_literal(cls, literals) or own_check(node, kind)
+    return (non_finite(node, float_inputs(kind)) or unchecked_literal(spec, literals) or own_check(node, kind)
             or (CHECKS[kind](prompt, node_id) if kind in CHECKS else None))
 
 
-def unchecked_literal(cls, literals: dict) -> str | None:
-    """A literal the node would refuse that ComfyUI lets through: a plain value where a link
-    belongs (ComfyUI checks no literal of a socket type), a boolean that is none."""
+def unchecked_literal(spec: dict, literals: dict) -> str | None:
+    """A literal the node would refuse that ComfyUI lets through (``spec``: its declared inputs):
+    a plain value where a link belongs (ComfyUI checks no literal of a socket type), a boolean
+    that is none."""
     for name, value in literals.items():
+        if name not in spec:
+            continue  # ComfyUI drops undeclared literals unread
         try:
-            inputs.convert(name, inputs.declared(cls).get(name, ((None,), False))[0], value)
+            inputs.convert(name, spec[name][0], value)
         except ValueError as err:
-            if not inputs.literal_problem(cls, name, value):
-                return str(err)[len(inputs.PREFIX):]
+            return str(err)[len(inputs.PREFIX):]
     return None
 
 

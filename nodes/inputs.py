@@ -151,10 +151,10 @@ def check(cls, values: dict, defaults: set[str] = frozenset()) -> dict:
     return {name: convert(name, inputs[name][0], value, inputs[name][1]) for name, value in values.items()}
 
 
-def literal_problem(cls, name: str, value) -> str | None:
-    """What ComfyUI's own /prompt check says of literal ``value`` for input ``name`` (so the
-    pack's graph check leaves that input to it and reports nothing twice), or None."""
-    entry = declared(cls).get(name)
+def literal_problem(entry: tuple[object, bool] | None, name: str, value) -> str | None:
+    """What ComfyUI's own /prompt check says of literal ``value`` for input ``name`` declared by
+    ``entry`` (from ``declared``), so the pack's graph check leaves that input to it and reports
+    nothing twice; None when it says nothing."""
     kind = entry[0][0] if entry is not None else None
     if entry is None or isinstance(value, list) or not isinstance(kind, (list, tuple)) and kind not in (
             "INT", "FLOAT", "STRING"):
