@@ -27,7 +27,6 @@ the memory planner to trace a rank's forward on meta tensors.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -308,16 +307,11 @@ def trace_hook(mesh: Mesh, rank: int = 0):
     return wrap
 
 
-def shard_tokens(length: int, ranks: int) -> int:
-    """Tokens per rank (the padded share) for ``length`` tokens over ``ranks``."""
-    return math.ceil(length / ranks)
-
-
 def moved_bytes(config: WanConfig, length: int, mesh: Mesh, dtype: torch.dtype, batch: int = 2) -> int:
     """Bytes each rank sends per DiT call: four all-to-alls (q, k, v and the output) of its
     tokens per block, and the final all-gather of the float32 result."""
     rows = 1 if mesh.cfg == 2 else batch
-    share = shard_tokens(length, mesh.sequence)
+    share = Shard.of(length, 0, mesh.sequence).size
     a2a = 0 if mesh.sequence == 1 else 4 * rows * share * config.dim * dtype.itemsize * (mesh.sequence - 1) // mesh.sequence
     return config.num_layers * a2a + rows * share * config.dim * 4 * (mesh.world - 1)
 
