@@ -257,8 +257,8 @@ class Split:
             return
         self.stopped = True
         if self.blocks is not None and self.blocks.in_call:
+            # the pool closes once it has asked the workers which one failed (Pool.run)
             pool.broken = "rank 0 stopped inside a DiT call, with the ranks' exchanges half done"
-            close_pool()
             return
         try:
             self.member.agree(stop=True)

@@ -255,6 +255,8 @@ class Pool:
             with _Watch(self):
                 result = local(member)
         except Cancelled:
+            if self.broken:
+                self.close()
             raise
         except BaseException as err:
             raise self._failure(err) from err
@@ -266,13 +268,23 @@ class Pool:
         when the ranks can no longer be in step."""
         if isinstance(err, (KeyboardInterrupt,)):
             return err
-        time.sleep(0.2)  # a failing worker writes its error before it exits
-        who = self._who_failed()
+        who = self._wait_for_culprit(5.0 if _is_comm_error(err) else 0.2)
         if who is not None or _is_comm_error(err):
             self.broken = who or str(err)
             self.close()
             return PoolError(who or f"the multi-GPU ranks lost contact: {err}")
+        if self.broken:  # rank 0 failed mid-exchange (Split.leave): the ranks are out of step
+            self.close()
         return err
+
+    def _wait_for_culprit(self, patience: float) -> str | None:
+        """The failed worker's message, waiting up to ``patience`` s for it: a killed worker's
+        sockets close before its process is reaped, and on a busy machine that gap is longer
+        than a fixed pause (CI saw "connection reset" with the worker not yet seen to exit)."""
+        deadline = time.monotonic() + patience
+        while (who := self._who_failed()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return who
 
     def _collect(self, job_id: str) -> list[Any]:
         out, deadline = [], time.monotonic() + self.result_timeout

@@ -75,7 +75,7 @@ def test_bad_devices_and_head_counts_are_refused_at_prompt(server):
 
 
 def _start_long_job(server, steps: int = 400):
-    """Queue a long job; return once the first Sampler runs (events from ComfyUI's websocket)."""
+    """Queue a long job; return once the first Sampler steps (events from ComfyUI's websocket)."""
     prompt = _graph(steps=steps)
     client = server.client()
     events = EventStream(server.url, client.client_id)
@@ -85,7 +85,8 @@ def _start_long_job(server, steps: int = 400):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         event = events.receive(timeout=1.0)
-        if event and event[0] != "binary" and event[1].get("type") == "progress":
+        if (event and event[0] != "binary" and event[1].get("type") == "progress"
+                and event[1].get("data", {}).get("node") == target):  # the encode reports progress too
             return client, events, reply["prompt_id"], target
     raise AssertionError("the sampler never reported progress")
 
