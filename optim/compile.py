@@ -6,8 +6,9 @@ compiled function. Dynamo treats a module's parameters as inputs, so every block
 the other A14B expert and the next job's model all run the same compiled code: one compile
 per variant of the inputs, never per block. The variants are what the inputs make: batch 1
 (one CFG branch, or a step cache computing one row) or batch 2 (cond and uncond batched), and
-each attention op (dense, or a sparse op of ``optim/sparse.py``); a new token count compiles
-once more with that dimension dynamic. LoRA strengths live in buffers and block swap's
+each attention op (dense, or a sparse op of ``optim/sparse.py``), and each kind of block of a
+GGUF file that mixes quant types (:func:`block_signature`); a new token count compiles once
+more with that dimension dynamic. LoRA strengths live in buffers and block swap's
 ``.data`` swaps keep shapes, so neither recompiles; hooks run outside the compiled function
 (its ``_call_impl`` is left eager), so adding or removing them does not either.
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from ..wan.attention import resolve_backend
 from . import fp8
+from .gguf import GGUFLinear
 from ..wan.denoise import DiTCall, RunBlocks
 from ..wan.model import WanState
 
@@ -67,13 +69,27 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def compiled_forward(cls: type, settings: CompileSettings) -> Callable:
-    """The one compiled ``cls.forward`` for ``settings`` in this process."""
-    key = (cls, settings)
+def block_signature(block: nn.Module) -> tuple:
+    """What a block's code branches on that Dynamo does not guard: each GGUF layer's quant type
+    and size. Files such as Q4_K_M mix types from block to block, and Dynamo (torch 2.13)
+    ran a block whose layer was Q8_0 and the next block's Q4_0 layer through one graph (NaN)."""
+    return tuple((name, int(m.qtype), m.nbytes) for name, m in block.named_modules() if isinstance(m, GGUFLinear))
+
+
+def compiled_forward(cls: type, settings: CompileSettings, signature: tuple = ()) -> Callable:
+    """The one compiled ``cls.forward`` for ``settings`` and block ``signature`` in this process.
+
+    Dynamo keeps its graphs on the function's code object and picks one by its guards, so a
+    second signature gets a copy of the code: a cache of its own, which no guard can confuse."""
+    key = (cls, settings, signature)
     with _LOCK:
         if key not in _COMPILED:
+            forward = cls.forward
+            if signature:
+                forward = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__,
+                                             forward.__defaults__, forward.__closure__)
             kw = {} if settings.mode == "default" else {"mode": settings.mode}
-            _COMPILED[key] = torch.compile(cls.forward, backend=settings.backend, **kw)
+            _COMPILED[key] = torch.compile(forward, backend=settings.backend, **kw)
         return _COMPILED[key]
 
 
@@ -91,7 +107,7 @@ def attach(model: nn.Module, settings: CompileSettings) -> bool:
     for block in model.blocks:
         if getattr(block, _ATTR, None) == settings:
             continue
-        block.forward = types.MethodType(compiled_forward(type(block), settings), block)
+        block.forward = types.MethodType(compiled_forward(type(block), settings, block_signature(block)), block)
         setattr(block, _ATTR, settings)
     return True
 

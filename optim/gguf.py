@@ -93,8 +93,14 @@ def stored_bytes(numel: int, qtype: int) -> int:
 
 # --- dequantisation (torch, vectorised, any device) --------------------------------------
 
-@functools.lru_cache(maxsize=16)
 def _shifts(device: torch.device, values: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # a constant of the graph (Dynamo warns about a cached one)
+        return torch.tensor(values, dtype=torch.uint8, device=device).view(shape)
+    return _cached_shifts(device, values, shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_shifts(device: torch.device, values: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.uint8, device=device).view(shape)
 
 

@@ -156,7 +156,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_warning(experts, monkeypa
 
     settings = CompileSettings("eager", "max-autotune-no-cudagraphs")  # a key no other test compiled
     monkeypatch.setattr(compiled_blocks, "compiled_forward",
-                        lambda cls, s: torch.compile(cls.forward, backend=broken))
+                        lambda cls, s, *_: torch.compile(cls.forward, backend=broken))
     monkeypatch.setattr(compiled_blocks, "_FAILED", {})
     expected, _, _ = _job(prepared, True, compiled=False, skip=False)
     with caplog.at_level(logging.INFO, logger="WanFit"):
@@ -189,3 +189,29 @@ def test_telemetry_reports_the_warm_up():
     s = tel.summary()["compiled_blocks"]
     assert (s["warmup_s"], s["graphs_compiled"], s["calls"]) == (2.5, 2, 8)
     assert "compiled blocks (inductor): warm-up 2.5 s, 2 graph(s) compiled" in tel.format()
+
+
+def test_a_gguf_model_with_mixed_quant_types_compiles_once_per_kind_of_block(tmp_path):
+    """Q4_K_M-style files mix quant types from block to block: each kind of block gets its own
+    graph (one graph for all gave NaN: Dynamo did not guard the layer's type), the result is
+    the eager one bit for bit, and a second call compiles nothing."""
+    from wanfit.optim import gguf
+
+    torch._dynamo.reset()
+    path = factory.write_gguf_dit(tmp_path / "mixed.gguf", "t2v", "Q4_0", types={"blocks.0.ffn.0.weight": "Q8_0"})
+    p = prepare_dit(gguf.open_gguf(path), RecordingBackend(lazy=True), SwapSettings(1, 1), dtype=torch.float32)
+    assert [b.ffn[0].qtype.name for b in p.model.blocks] == ["Q8_0", "Q4_0"]
+    cond = Conditioning(torch.randn(1, 512, factory.TEXT_DIM, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    try:
+        with torch.inference_mode():
+            eager = make_denoiser(p.model, cond, None, 1.0, run_blocks=p.run_blocks)(x, 0.9, 0)
+            run = CompiledRun(p.model, AOT)
+            out = make_denoiser(p.model, cond, None, 1.0, run_blocks=run.wrap(p.run_blocks))(x, 0.9, 0)
+            warm = graphs_compiled()
+            make_denoiser(p.model, cond, None, 1.0, run_blocks=run.wrap(p.run_blocks))(x, 0.5, 1)
+    finally:
+        compiled_blocks.detach(p.model)
+        p.close()
+    assert run.graphs == 2 and graphs_compiled() == warm
+    assert torch.equal(out, eager)
