@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,14 +318,15 @@ def run_split(split: Split, handle: ModelHandle, spec: dict, execute) -> tuple[A
 # --- a worker -------------------------------------------------------------------------------
 
 def worker_main(host: str, port: int, rank: int, world: int, device: str, devices: list[str],
-                models: Path | None, timeout: float) -> int:
-    """A worker process: join rank 0, then run every pass it sends until it says stop."""
+                models: Path | None, timeout: float, end: Callable[[int], Any] = os._exit) -> int:
+    """A worker process: join rank 0, then run every pass it sends until it says stop; a job
+    that fails here ends the process with ``end(1)``."""
     from ..optim import pool
 
     comfy.run_standalone(device)
     member = pool.join(host, port, rank, world, device, devices, timeout, job_timeout=600.0)
     log.info("joined %s:%d as rank %d of %d on %s", host, port, rank, world, device)
-    pool.serve(member, lambda job, m: _serve_pass(job, m, models))
+    pool.serve(member, lambda job, m: _serve_pass(job, m, models), end)
     return 0
 
 

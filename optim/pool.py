@@ -20,6 +20,7 @@ then names the device and the worker's log, closes the pool, and the next job bu
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import pickle
@@ -165,14 +166,17 @@ class Pool:
     def command(self, rank: int) -> list[str]:
         """The command that starts rank ``rank``'s worker (here, or on another machine with the
         pack and the same model files, when ``host`` is an address reachable from there; a
-        remote worker computes on ``cuda:0`` there, or on its CPU when rank 0 does)."""
+        remote worker computes on ``cuda:0`` there, or on its CPU when rank 0 does, and stays
+        for the next pool)."""
         device = self.devices[rank]
         if device == REMOTE:
             device = "cuda:0" if str(self.devices[0]).startswith("cuda") else "cpu"
         cmd = [sys.executable, str(WORKER_SCRIPT), "--join", f"{self.host}:{self.port}", "--rank", str(rank),
                "--world", str(self.world), "--device", device, "--devices", ",".join(self.devices),
                "--package", PACKAGE]
-        return cmd + (["--threads", str(self.threads)] if self.threads else [])
+        # a worker started by hand waits for the next pool when this one closes
+        return cmd + (["--threads", str(self.threads)] if self.threads else []) + (
+            ["--stay"] if self.devices[rank] == REMOTE else [])
 
     def _spawned(self, rank: int) -> bool:
         return self.spawn and self.devices[rank] != REMOTE
@@ -321,6 +325,9 @@ class Pool:
             except Exception:  # noqa: BLE001
                 pass
         self.member = None
+        # the store's server socket goes with the last reference to it, which a reference cycle
+        # (in the split's closures) kept alive: a pool on the same fixed port then failed to listen
+        gc.collect()
 
 
 def _is_comm_error(err: BaseException) -> bool:
@@ -364,10 +371,11 @@ def _abort_nccl() -> None:
         pass
 
 
-def serve(member: Member, handle: Callable[[dict, Member], Any]) -> None:
+def serve(member: Member, handle: Callable[[dict, Member], Any], end: Callable[[int], Any] = os._exit) -> None:
     """A worker's loop: each job from rank 0 goes to ``handle``; its answer (or Cancelled) goes
-    back through the store. Any other error is written to the store and ends the process (the
-    ranks cannot stay in step after it; rank 0 sees the error and rebuilds the pool)."""
+    back through the store. Any other error is written to the store and ends the process with
+    ``end(1)`` (the ranks cannot stay in step after it; rank 0 sees the error and rebuilds the
+    pool; a worker that stays starts afresh instead)."""
     while True:
         job = member.broadcast()
         if job.get("kind") == "stop":
@@ -380,5 +388,5 @@ def serve(member: Member, handle: Callable[[dict, Member], Any]) -> None:
             log.exception("WanFit worker rank %d failed", member.rank)
             member.store.set(f"error/{member.rank}", f"{type(err).__name__}: {err}")
             sys.stdout.flush()
-            os._exit(1)
+            end(1)
         member.store.set(f"done/{job['id']}/{member.rank}", pickle.dumps(answer))

@@ -125,17 +125,24 @@ def case_sparse(text, embeds) -> dict:
 
 def case_separate_worker(text, embeds) -> dict:
     """A remote rank: its worker started as its own command with the line rank 0 logs (what runs
-    on another machine), joining 127.0.0.1 at the port set for it."""
+    on another machine), joining 127.0.0.1 at the port set for it. It stays (``--stay``): when
+    rank 0's pool closes, the same process waits for the next pool, which it joins."""
     multigpu.close_pool()
     os.environ["WANFIT_MULTIGPU_PORT"] = str(free_port())
     command = Pool(("cpu", "remote"), Path("."), port=int(os.environ["WANFIT_MULTIGPU_PORT"]), threads=1).command(1)
     worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        result = compare("worker started as a separate command", two_pass(*experts(None), text, embeds),
-                         two_pass(*experts("cpu,remote"), text, embeds), command=" ".join(command[1:4]))
+        one = two_pass(*experts(None), text, embeds)
+        first = two_pass(*experts("cpu,remote"), text, embeds)
+        multigpu.close_pool()
+        again = two_pass(*experts("cpu,remote"), text, embeds)  # a new pool: the worker came back
+        result = compare("worker started as a separate command", one, first, command=" ".join(command[1:4]),
+                         stays="--stay" in command and worker.poll() is None,
+                         next_pool_equal=torch.equal(again["samples"], first["samples"]))
     finally:
         multigpu.close_pool()
         del os.environ["WANFIT_MULTIGPU_PORT"]
+        worker.terminate()
         worker.wait(timeout=30)
     return result
 

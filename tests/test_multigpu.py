@@ -39,5 +39,7 @@ def test_two_ranks_equal_one_process_bit_for_bit(results, case):
     assert row["plan_names_rank_1"], row  # the worker planned its own share and the plan says so
     if "sparse_differs" in row:
         assert row["sparse_differs"], row  # the sparse mask was on (on both sides)
+    if "stays" in row:
+        assert row["stays"] and row["next_pool_equal"], row  # a worker started by hand serves the next pool too
     if "skipped" in row:
         assert row["skipped"][0] == row["skipped"][1] > 0, row  # the same steps skipped, some at all
