@@ -126,10 +126,18 @@ def join(host: str, port: int, rank: int, world: int, device: str, devices: Sequ
 
     store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=timeout),
                           wait_for_workers=False)
-    if rank:
-        store.set(f"joined/{rank}", str(device))
+    mine = ",".join(map(str, devices))
+    if rank:  # announce the pool this worker was started for; go on only if rank 0 opened that one
+        store.set(f"joined/{rank}", mine)
+        theirs = store.get("pool").decode()
+        if theirs != mine:
+            raise PoolError(f"rank 0 at {host}:{port} opened a pool of devices {theirs}; this worker was started "
+                            f"for {mine}: start it with rank 0's logged command")
     elif wait is not None:
-        wait(store)
+        try:
+            wait(store)
+        finally:
+            store.set("pool", mine)  # a worker of another pool hears it at once, not at its timeout
     if str(device).startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(backend_for(devices), store=store, rank=rank, world_size=world, timeout=IDLE_TIMEOUT)
@@ -209,8 +217,13 @@ class Pool:
     def _wait_joined(self, store) -> None:
         deadline = time.monotonic() + self.join_timeout
         missing = list(range(1, self.world))
+        expected = ",".join(self.devices)
         while missing:
-            missing = [r for r in missing if not store.check([f"joined/{r}"])]
+            for r in [r for r in missing if store.check([f"joined/{r}"])]:
+                missing.remove(r)
+                if (theirs := store.get(f"joined/{r}").decode()) != expected:
+                    raise PoolError(f"the worker that joined as rank {r} was started for devices {theirs}, not "
+                                    f"{expected}; start it with: {' '.join(self.command(r))}")
             dead = [r for r in missing if r in self.procs and self.procs[r].poll() is not None]
             if dead:
                 raise PoolError(f"the multi-GPU worker for {self.devices[dead[0]]} (rank {dead[0]}) exited before "

@@ -43,3 +43,30 @@ def test_two_ranks_equal_one_process_bit_for_bit(results, case):
         assert row["stays"] and row["next_pool_equal"], row  # a worker started by hand serves the next pool too
     if "skipped" in row:
         assert row["skipped"][0] == row["skipped"][1] > 0, row  # the same steps skipped, some at all
+
+
+def test_a_worker_started_for_other_devices_is_refused_at_once(tmp_path):
+    """A worker left running from an earlier pool (``--stay``) whose device list is not this
+    pool's: rank 0 fails the join naming it and the right command, and the worker hears why,
+    both within seconds (not at the join timeout, not in a process group of the wrong size)."""
+    import time
+
+    from wanfit.optim.pool import Pool, PoolError, free_port
+
+    port = free_port("127.0.0.1")
+    stale = [a for a in Pool(("cpu", "remote", "remote"), tmp_path, port=port, threads=1).command(1) if a != "--stay"]
+    worker = subprocess.Popen(stale, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    pool = Pool(("cpu", "remote"), tmp_path, port=port, threads=1, join_timeout=60)
+    start = time.monotonic()
+    try:
+        with pytest.raises(PoolError) as refused:
+            pool.start()
+        output = worker.communicate(timeout=60)[0]
+    finally:
+        worker.kill()
+        pool.close()
+    assert time.monotonic() - start < 30
+    message = str(refused.value)
+    assert "started for devices cpu,remote,remote, not cpu,remote" in message and "--world 2" in message, message
+    assert worker.returncode != 0 and "opened a pool of devices cpu,remote" in output, output[-2000:]
