@@ -339,7 +339,7 @@ class Pool:
                 pass
         self.member = None
         # the store's server socket goes with the last reference to it, which a reference cycle
-        # (in the split's closures) kept alive: a pool on the same fixed port then failed to listen
+        # kept alive until the next collection: a pool on the same fixed port failed to listen
         gc.collect()
 
 

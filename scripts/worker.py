@@ -8,8 +8,8 @@ It needs this pack, torch and the model files (the same bytes; ``--models``: a C
 ``models`` folder to find them by name when they lie elsewhere than on rank 0's machine).
 ComfyUI itself is not needed here. Without ``--stay`` it exits when rank 0's pool closes;
 with it, the process starts afresh (same command, same PID) and waits for rank 0's next pool,
-so a worker on another machine outlives a failed job, a changed device list or a restart
-of ComfyUI (rank 0 must then listen on a fixed port: WANFIT_MULTIGPU_PORT).
+so a worker on another machine outlives a failed job or a restart of ComfyUI (rank 0 must
+then listen on a fixed port: WANFIT_MULTIGPU_PORT). A pool of other devices refuses it.
 """
 from __future__ import annotations
 
