@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,18 @@ def test_a_worker_started_for_other_devices_is_refused_at_once(tmp_path):
     message = str(refused.value)
     assert "started for devices cpu,remote,remote, not cpu,remote" in message and "--world 2" in message, message
     assert worker.returncode != 0 and "opened a pool of devices cpu,remote" in output, output[-2000:]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("cpu*2", ("cpu", "cpu")), (" CPU , cpu ", ("cpu", "cpu")), ("cpu,remote*2", ("cpu", "remote", "remote")),
+    ("remote,cpu", "the first device is this machine's"), ("cpu*0", "N from 1 to 64"), ("cpu*65", "N from 1 to 64"),
+    ("cuda:1*2", "only cpu*N and remote*N repeat"), ("gpu0", "is not a device"), ("", "list 1 to 64 devices"),
+    ("cpu*64,cpu", "list 1 to 64 devices"), ("cuda:99", "does not exist here")])
+def test_device_lists(text, expected):
+    from wanfit.nodes.multigpu import parse_devices
+
+    if isinstance(expected, tuple):
+        assert parse_devices(text) == expected
+    else:
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            parse_devices(text)
