@@ -1,7 +1,8 @@
 """Multi-GPU through the nodes on CPU processes (gloo, 1 thread each): whole jobs on 2 ranks
 equal 1 process bit for bit (tests/multigpu_cases.py, run in a process of its own; see there
 why). Rank 0 is that process; the worker a real pool process (scripts/worker.py), or one
-started as a separate command."""
+started as a separate command. Also: a worker started for other devices is refused at the
+join, and the device lists the node accepts or refuses."""
 from __future__ import annotations
 
 import json
