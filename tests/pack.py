@@ -18,3 +18,13 @@ def register() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE_NAME] = module
     spec.loader.exec_module(module)
+
+
+def load_script(path: Path, name: str):
+    """A script (a bench, the demo) imported as module ``name``, registered in sys.modules
+    first: dataclasses look their module up while the class is made."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

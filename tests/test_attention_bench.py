@@ -1,12 +1,12 @@
 """bench/attention.py on small sizes: the same code as the figures, with flex_attention eager
 (no C++ build) and the compiled row through aot_eager; consistency only, never timings."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from pack import load_script
 
 pytestmark = pytest.mark.usefixtures("eager_flex", "one_thread")
 
@@ -15,11 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "attention.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_attention", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bench_attention")
 
 
 def test_quick_run_prints_json_rows(bench, capsys):

@@ -5,7 +5,6 @@ anything real."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import sys
@@ -16,17 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from pack import load_script
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _load(name: str):
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_tool_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH / f"{name}.py", f"bench_tool_{name}")
 
 
 suite = _load("suite")

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from comfy_server import find_comfyui
-from pack import REPO_ROOT
+from pack import REPO_ROOT, load_script
 
 pytestmark = pytest.mark.e2e
 
@@ -81,12 +81,7 @@ def test_demo_server_was_stopped(demo):
 
 
 def _demo_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("wanfit_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(DEMO, "wanfit_demo")
 
 
 def test_each_workflow_gets_valid_demo_defaults_and_its_own_words():

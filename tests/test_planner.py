@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pack import REPO_ROOT, load_script
 from wanfit.optim import fp8
 from wanfit.optim.hostmem import allocation_peak
 from wanfit.optim.offload import BlockSwapper, RecordingBackend
@@ -196,13 +197,7 @@ def test_an_extra_temporary_in_a_block_moves_the_prediction_by_its_size(monkeypa
 @pytest.mark.parametrize("weights, batch", [("bf16", 2), ("fp8_e4m3fn", 1)])
 def test_activation_model_matches_cuda_max_memory_allocated(weights, batch):
     """bench/gpu_check.py's ``planner`` part at a small size (it runs two A14B-sized ones)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu_check", path)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_script(REPO_ROOT / "bench" / "gpu_check.py", "bench_gpu_check")
     cfg = WanConfig("i2v", in_dim=36, **dict(TINY, dim=512, num_heads=4, ffn_dim=1408))
     r = gpu_check.forward_peak(cfg, (8, 30, 52), batch, weights, "cuda")
     assert r["predicted_bytes"] == pytest.approx(r["measured_bytes"], rel=0.10)

@@ -1,6 +1,5 @@
 """bench/step_cache.py at its tiny size: the same code as the CPU / GPU figures, checked for
 consistency (never for timings, which depend on the machine)."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,16 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from pack import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "step_cache.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_step_cache", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bench_step_cache")
 
 
 def test_tiny_bench_is_consistent(bench):

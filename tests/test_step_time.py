@@ -1,6 +1,5 @@
 """bench/step_time.py on the CPU: its tiny dry run builds, swaps and times every case, so the
 GPU benchmark is not dead on arrival; the GPU numbers themselves are never asserted here."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pack import load_script
 from wanfit.optim.fp8 import FP8Linear
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "step_time.py"
@@ -16,11 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "step_time.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_step_time", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bench_step_time")
 
 
 def test_build_places_quantises_and_swaps_as_planned(bench):

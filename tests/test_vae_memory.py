@@ -6,13 +6,12 @@ The per-pixel constants (``tiling.WORK_PER_PIXEL``) come from 256x128 and 512x25
 figures agree within 3 %; at 128x64 the padded borders of every convolution weigh up to 32 %
 more per pixel, which is why a tile is budgeted as at least ``MIN_BUDGET_PIXELS``. So: the
 budget must cover what 128x64 measures, and the constant must not sit far above it."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from pack import load_script
 from wanfit.optim import planner, tiling
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "vae_memory.py"
@@ -20,11 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "vae_memory.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vae_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "bench_vae_memory")
 
 
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
